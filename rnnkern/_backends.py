@@ -1,0 +1,114 @@
+"""Backend registry: which backends exist, which can run a given input, and why not.
+
+A backend is one implementation family: ``reference`` (pure PyTorch), ``cpu`` (C++ in
+csrc/cpu), ``triton`` (rnnkern/ops/*/triton.py) and ``cuda`` (csrc/cuda). Every op asks
+:func:`select` for the backend to run; ``backend=`` or ``RNNKERN_BACKEND`` forces one, and
+forcing one that cannot run the input is an error, never a silent fallback.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Callable, Optional
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+# First backend in this order that supports the input runs it. The Triton interpreter can
+# run CPU tensors, but only when forced: it is a testing tool, not a fast path.
+_PRIORITY = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+
+# Op-specific reasons a backend refuses an input: backend name -> reason or None.
+SupportCheck = Callable[[str], Optional[str]]
+
+
+class BackendError(RuntimeError):
+    """No backend (or not the forced one) can run the given input."""
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason(name: str) -> Optional[str]:
+    """Why backend `name` cannot run at all in this process, or None if it can."""
+    if name == "reference":
+        return None
+    if name in ("cpu", "cuda"):
+        try:
+            importlib.import_module("rnnkern._C")
+        except ImportError as err:
+            return f"the compiled extension rnnkern._C is not importable ({err})"
+        return None
+    if name == "triton":
+        try:
+            importlib.import_module("triton")
+        except ImportError:
+            return "triton is not installed (pip install triton)"
+        return None
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+def device_reason(name: str, device: torch.device) -> Optional[str]:
+    """Why backend `name` cannot run tensors on `device`, or None if it can."""
+    if name == "reference":
+        return None
+    if name == "cpu" and device.type != "cpu":
+        return f"runs on CPU tensors only, got {device.type} tensors"
+    if name == "cuda" and device.type != "cuda":
+        return f"runs on CUDA tensors only, got {device.type} tensors"
+    if name == "triton" and device.type != "cuda":
+        if device.type == "cpu" and triton_interpreted():
+            return None
+        return f"runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device.type} tensors"
+    return None
+
+
+def compiled_kernel_reason(op: str, device: torch.device) -> Optional[str]:
+    """Why rnnkern._C has no kernel for `op` on `device`, or None if it has one."""
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"rnnkern_C::{op}", key):
+        return f"rnnkern._C was built without a {key} kernel for {op}"
+    return None
+
+
+def _why_not(name: str, device: torch.device, supports: SupportCheck) -> Optional[str]:
+    return unavailable_reason(name) or device_reason(name, device) or supports(name)
+
+
+def select(op: str, device: torch.device, supports: SupportCheck, requested: Optional[str] = None) -> str:
+    """The backend that runs `op` on this input.
+
+    `requested` (or the RNNKERN_BACKEND environment variable) forces a backend; otherwise
+    the first backend in the device's priority order whose checks all pass is taken.
+    """
+    requested = requested or os.environ.get("RNNKERN_BACKEND") or None
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"{op}: unknown backend {requested!r}; expected one of {BACKENDS}")
+        reason = _why_not(requested, device, supports)
+        if reason is not None:
+            raise BackendError(
+                f"{op}: backend {requested!r} cannot run this input: {reason}.\n"
+                + _reasons_table(BACKENDS, device, supports)
+            )
+        return requested
+    order = _PRIORITY.get(device.type, ("reference",))
+    for name in order:
+        if _why_not(name, device, supports) is None:
+            return name
+    raise BackendError(f"{op}: no backend can run this input.\n" + _reasons_table(order, device, supports))
+
+
+def _reasons_table(names, device: torch.device, supports: SupportCheck) -> str:
+    lines = []
+    for name in names:
+        reason = _why_not(name, device, supports)
+        lines.append(f"  {name}: {'available' if reason is None else reason}")
+    return "backends:\n" + "\n".join(lines)

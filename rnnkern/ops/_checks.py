@@ -1,0 +1,61 @@
+"""Input validation shared by the public ops: clear errors before any kernel runs."""
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(name: str, x, ndim: int, shape_doc: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape_doc}, got shape {tuple(x.shape)}")
+
+
+def float_dtype(name: str, x: Tensor) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def same(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
+    """`x` has the shape, dtype and device of `ref`."""
+    if x.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
+
+
+def state(name: str, x, ref: Tensor, shape: tuple, dtype: torch.dtype) -> None:
+    """A carried state: `shape`, dtype of `ref` or `dtype`, on the device of `ref`."""
+    doc = "(" + ", ".join(str(s) for s in shape) + ")"
+    tensor(name, x, len(shape), doc)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {doc}, got {tuple(x.shape)}")
+    if x.dtype not in (ref.dtype, dtype):
+        allowed = str(ref.dtype) if ref.dtype == dtype else f"{ref.dtype} or {dtype}"
+        raise TypeError(f"{name} must be {allowed}, got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on {ref.device}, got {x.device}")
+
+
+def cu_seqlens(cu: Tensor, x: Tensor, total: int) -> int:
+    """Checks packed-sequence offsets for `x` (1, total, ...); returns the sequence count."""
+    if not isinstance(cu, Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1, got {tuple(cu.shape)}")
+    if cu.device != x.device:
+        raise ValueError(f"cu_seqlens must be on {x.device}, got {cu.device}")
+    if x.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along time), got {x.shape[0]}")
+    if not torch.compiler.is_compiling():  # values are data: only checkable eagerly
+        bounds = cu.tolist()
+        if bounds[0] != 0 or bounds[-1] != total:
+            raise ValueError(f"cu_seqlens must start at 0 and end at T={total}, got {bounds[0]} ... {bounds[-1]}")
+        if any(later < earlier for earlier, later in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+    return cu.shape[0] - 1

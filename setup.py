@@ -1,0 +1,37 @@
+"""Builds rnnkern._C: the CPU kernels always, the CUDA kernels when a CUDA toolkit and a
+CUDA build of torch are both present (RNNKERN_NO_CUDA=1 turns them off)."""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _with_cuda() -> bool:
+    if os.environ.get("RNNKERN_NO_CUDA") == "1":
+        return False
+    return CUDA_HOME is not None and torch.version.cuda is not None
+
+
+def _extension():
+    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", "-std=c++17"]
+    if not _with_cuda():
+        return CppExtension("rnnkern._C", sources, extra_compile_args={"cxx": cxx_flags})
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    for cc in ("80", "90"):
+        nvcc_flags += ["-gencode", f"arch=compute_{cc},code=sm_{cc}"]
+    return CUDAExtension(
+        "rnnkern._C",
+        sources + cuda_sources,
+        define_macros=[("RNNKERN_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
