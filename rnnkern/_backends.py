@@ -23,8 +23,8 @@ _PRIORITY = {
     "cpu": ("cpu", "reference"),
 }
 
-# Op-specific reasons a backend refuses an input: backend name -> reason or None.
-SupportCheck = Callable[[str], Optional[str]]
+# Op-specific reasons a backend refuses an input: (backend, device, dtype) -> reason or None.
+SupportCheck = Callable[[str, torch.device, torch.dtype], Optional[str]]
 
 
 class BackendError(RuntimeError):
@@ -78,37 +78,43 @@ def compiled_kernel_reason(op: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def _why_not(name: str, device: torch.device, supports: SupportCheck) -> Optional[str]:
-    return unavailable_reason(name) or device_reason(name, device) or supports(name)
+def _why_not(name: str, device: torch.device, dtype: torch.dtype, supports: SupportCheck) -> Optional[str]:
+    return unavailable_reason(name) or device_reason(name, device) or supports(name, device, dtype)
 
 
-def select(op: str, device: torch.device, supports: SupportCheck, requested: Optional[str] = None) -> str:
-    """The backend that runs `op` on this input.
+# Host-side logic on constants: torch.compile calls it while tracing and keeps the result
+# (so RNNKERN_BACKEND is read when a function is compiled, not on every call).
+@torch.compiler.assume_constant_result
+def select(
+    op: str, device: torch.device, dtype: torch.dtype, supports: SupportCheck, requested: Optional[str] = None
+) -> str:
+    """The backend that runs `op` on inputs of this device and dtype.
 
     `requested` (or the RNNKERN_BACKEND environment variable) forces a backend; otherwise
     the first backend in the device's priority order whose checks all pass is taken.
+    `supports` adds the op's own reasons to refuse an input.
     """
     requested = requested or os.environ.get("RNNKERN_BACKEND") or None
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"{op}: unknown backend {requested!r}; expected one of {BACKENDS}")
-        reason = _why_not(requested, device, supports)
+        reason = _why_not(requested, device, dtype, supports)
         if reason is not None:
             raise BackendError(
                 f"{op}: backend {requested!r} cannot run this input: {reason}.\n"
-                + _reasons_table(BACKENDS, device, supports)
+                + _reasons_table(BACKENDS, device, dtype, supports)
             )
         return requested
     order = _PRIORITY.get(device.type, ("reference",))
     for name in order:
-        if _why_not(name, device, supports) is None:
+        if _why_not(name, device, dtype, supports) is None:
             return name
-    raise BackendError(f"{op}: no backend can run this input.\n" + _reasons_table(order, device, supports))
+    raise BackendError(f"{op}: no backend can run this input.\n" + _reasons_table(order, device, dtype, supports))
 
 
-def _reasons_table(names, device: torch.device, supports: SupportCheck) -> str:
+def _reasons_table(names, device: torch.device, dtype: torch.dtype, supports: SupportCheck) -> str:
     lines = []
     for name in names:
-        reason = _why_not(name, device, supports)
+        reason = _why_not(name, device, dtype, supports)
         lines.append(f"  {name}: {'available' if reason is None else reason}")
     return "backends:\n" + "\n".join(lines)

@@ -93,15 +93,12 @@ _linear_scan_op.register_autograd(_backward, setup_context=_setup_context)
 # Public function.
 
 
-def _support_check(a: Tensor) -> _backends.SupportCheck:
-    def check(backend: str) -> Optional[str]:
-        if backend == "triton" and a.dtype == torch.float64:
-            return "float64 is not supported (use the reference or cpu backend)"
-        if backend in ("cpu", "cuda"):
-            return _backends.compiled_kernel_reason("linear_scan_fwd", a.device)
-        return None
-
-    return check
+def _supports(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if backend == "triton" and dtype == torch.float64:
+        return "float64 is not supported (use the reference or cpu backend)"
+    if backend in ("cpu", "cuda"):
+        return _backends.compiled_kernel_reason("linear_scan_fwd", device)
+    return None
 
 
 def linear_scan(
@@ -147,7 +144,7 @@ def linear_scan(
         >>> h2 = rnnkern.linear_scan(a, b, initial_state=last)  # continue the sequences
     """
     _validate(a, b, initial_state, reverse, cu_seqlens)
-    name = _backends.select("linear_scan", a.device, _support_check(a), backend)
+    name = _backends.select("linear_scan", a.device, a.dtype, _supports, backend)
     if initial_state is not None:
         initial_state = initial_state.to(state_dtype(a.dtype)).contiguous()
     h, final_state = _linear_scan_op(a, b, initial_state, cu_seqlens, reverse, name)

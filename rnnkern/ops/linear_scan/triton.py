@@ -174,3 +174,17 @@ def linear_scan_bwd(a, h, initial_state, grad_h, grad_final, cu_seqlens, reverse
         IS_VARLEN=cu_seqlens is not None, REVERSE=reverse, BLOCK_T=BLOCK_T, BLOCK_D=block_d,
     )
     return grad_a, grad_b, grad_initial
+
+
+def aot_specs():
+    """(kernel, argument types, constexprs) cases for the ahead-of-time compile check."""
+    strides = {f"stride_{x}_{d}": "i32" for x in ("a", "b", "dh") for d in "btd"}
+    for dtype, varlen, reverse in (("fp32", False, False), ("bf16", True, True), ("fp16", False, True)):
+        common = {"T": "i32", "D": "i32", "cu_seqlens_ptr": "*i32", "a_ptr": f"*{dtype}", "h_ptr": f"*{dtype}"}
+        flags = {"IS_VARLEN": varlen, "REVERSE": reverse, "BLOCK_T": BLOCK_T, "BLOCK_D": 32}
+        fwd_types = {"b_ptr": f"*{dtype}", "h0_ptr": "*fp32", "ht_ptr": "*fp32"}
+        bwd_types = {"h0_ptr": "*fp32", "dh_ptr": f"*{dtype}", "dht_ptr": "*fp32", "da_ptr": f"*{dtype}",
+                     "db_ptr": f"*{dtype}", "dh0_ptr": "*fp32"}
+        yield _linear_scan_fwd_kernel, {**common, **strides, **fwd_types}, {**flags, "HAS_INITIAL": True}
+        yield _linear_scan_bwd_kernel, {**common, **strides, **bwd_types}, {
+            **flags, "HAS_INITIAL": not varlen, "HAS_FINAL_GRAD": True}

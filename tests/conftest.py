@@ -1,0 +1,48 @@
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The variable
+# must be set before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from rnnkern import _backends  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_params(op: str, kernel: str) -> list:
+    """pytest params (device, backend) for every backend that can run `op` here.
+
+    `kernel` is the name of the compiled op in rnnkern_C (for the cpu/cuda backends).
+    Backends that never run on a device are left out; those this machine cannot run are
+    reported as skips with the reason.
+    """
+    params = []
+    for device in devices():
+        dev = torch.device(device)
+        for backend in _backends.BACKENDS:
+            if backend in ("cpu", "cuda") and backend != device:
+                continue
+            reason = _backends.unavailable_reason(backend) or _backends.device_reason(backend, dev)
+            if reason is None and backend in ("cpu", "cuda"):
+                reason = _backends.compiled_kernel_reason(kernel, dev)
+            marks = [pytest.mark.skip(reason=f"{backend}: {reason}")] if reason else []
+            if device == "cuda":
+                marks.append(pytest.mark.gpu)
+            params.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
+    return params
