@@ -15,7 +15,11 @@
 namespace rnnkern {
 namespace {
 
-constexpr int64_t kChannelBlock = 64;
+// Channels per task: wide blocks keep more cache lines in flight per time step (each step
+// of a (B, T, D) tensor is a new row, often a new page, so hardware prefetch helps little);
+// narrower blocks when there would otherwise be too few tasks for the threads.
+constexpr int64_t kMinChannelBlock = 64;
+constexpr int64_t kMaxChannelBlock = 512;
 
 // Where each sequence lives: rows [begin, begin + length) of batch entry `batch`.
 struct Sequences {
@@ -61,14 +65,22 @@ at::Tensor long_offsets(const std::optional<at::Tensor>& cu_seqlens) {
   return cu_seqlens.has_value() ? cu_seqlens->to(at::kLong).contiguous() : at::Tensor();
 }
 
+int64_t channel_block(int64_t num_sequences, int64_t dim) {
+  const int64_t min_tasks = 4 * at::get_num_threads();
+  int64_t block = kMaxChannelBlock;
+  while (block > kMinChannelBlock && num_sequences * ((dim + block - 1) / block) < min_tasks) block /= 2;
+  return block;
+}
+
 // Runs fn(sequence, first_channel, block_width) over every (sequence, channel block) task.
 template <typename Fn>
 void for_each_block(int64_t num_sequences, int64_t dim, const Fn& fn) {
-  const int64_t blocks = (dim + kChannelBlock - 1) / kChannelBlock;
+  const int64_t block = channel_block(num_sequences, dim);
+  const int64_t blocks = (dim + block - 1) / block;
   at::parallel_for(0, num_sequences * blocks, 1, [&](int64_t first, int64_t last) {
     for (int64_t task = first; task < last; ++task) {
-      const int64_t d0 = (task % blocks) * kChannelBlock;
-      fn(task / blocks, d0, std::min(kChannelBlock, dim - d0));
+      const int64_t d0 = (task % blocks) * block;
+      fn(task / blocks, d0, std::min(block, dim - d0));
     }
   });
 }
@@ -78,7 +90,7 @@ void scan_forward(Rows<const scalar_t> a, Rows<const scalar_t> b, Rows<scalar_t>
                   const acc_t* initial_state, acc_t* final_state, const Sequences& seqs,
                   int64_t dim, bool reverse) {
   for_each_block(seqs.count, dim, [&](int64_t n, int64_t d0, int64_t width) {
-    acc_t state[kChannelBlock];
+    acc_t state[kMaxChannelBlock];
     for (int64_t j = 0; j < width; ++j) {
       state[j] = initial_state ? initial_state[n * dim + d0 + j] : acc_t(0);
     }
@@ -106,8 +118,8 @@ void scan_backward(Rows<const scalar_t> a, Rows<const scalar_t> h, Rows<const sc
                    const acc_t* grad_final, acc_t* grad_initial, const Sequences& seqs,
                    int64_t dim, bool reverse) {
   for_each_block(seqs.count, dim, [&](int64_t n, int64_t d0, int64_t width) {
-    acc_t g[kChannelBlock];
-    acc_t h_init[kChannelBlock];
+    acc_t g[kMaxChannelBlock];
+    acc_t h_init[kMaxChannelBlock];
     for (int64_t j = 0; j < width; ++j) {
       g[j] = grad_final ? grad_final[n * dim + d0 + j] : acc_t(0);
       h_init[j] = initial_state ? initial_state[n * dim + d0 + j] : acc_t(0);
