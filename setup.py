@@ -2,6 +2,7 @@
 CUDA build of torch are both present (RNNKERN_NO_CUDA=1 turns them off)."""
 import glob
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -17,8 +18,15 @@ def _with_cuda() -> bool:
 def _extension():
     sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-std=c++17"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is an OpenMP pragma in a header: without -fopenmp it runs serially
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if not _with_cuda():
-        return CppExtension("rnnkern._C", sources, extra_compile_args={"cxx": cxx_flags})
+        return CppExtension(
+            "rnnkern._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
     for cc in ("80", "90"):
@@ -28,6 +36,7 @@ def _extension():
         sources + cuda_sources,
         define_macros=[("RNNKERN_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 
 

@@ -61,6 +61,17 @@ Sequences sequences_of(const at::Tensor& a, const at::Tensor& cu_seqlens_long) {
   return {a.size(0), a.size(1), nullptr};
 }
 
+// The (N, D) states travel in the state dtype; the Python layer converts them, but a direct
+// torch.ops call must not read the wrong memory.
+void check_state(const char* name, const std::optional<at::Tensor>& state, const at::Tensor& a,
+                 int64_t num_sequences) {
+  if (!state.has_value()) return;
+  TORCH_CHECK(state->scalar_type() == at::toOpMathType(a.scalar_type()) && state->is_contiguous(), name,
+              " must be a contiguous ", at::toOpMathType(a.scalar_type()), " tensor");
+  TORCH_CHECK(state->dim() == 2 && state->size(0) == num_sequences && state->size(1) == a.size(2), name,
+              " must have shape (", num_sequences, ", ", a.size(2), ")");
+}
+
 at::Tensor long_offsets(const std::optional<at::Tensor>& cu_seqlens) {
   return cu_seqlens.has_value() ? cu_seqlens->to(at::kLong).contiguous() : at::Tensor();
 }
@@ -155,6 +166,7 @@ std::tuple<at::Tensor, at::Tensor> linear_scan_fwd_cpu(
   const at::Tensor a = unit_channel_stride(a_in), b = unit_channel_stride(b_in);
   const at::Tensor offsets = long_offsets(cu_seqlens);
   const Sequences seqs = sequences_of(a, offsets);
+  check_state("initial_state", initial_state, a, seqs.count);
   const int64_t dim = a.size(2);
   const auto acc_dtype = at::toOpMathType(a.scalar_type());
   at::Tensor h = at::empty(a.sizes(), a.options());
@@ -177,16 +189,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd_cpu(
   const at::Tensor grad_h = unit_channel_stride(grad_h_in);
   const at::Tensor offsets = long_offsets(cu_seqlens);
   const Sequences seqs = sequences_of(a, offsets);
+  check_state("initial_state", initial_state, a, seqs.count);
+  TORCH_CHECK(h.sizes() == a.sizes() && grad_h.sizes() == a.sizes(), "linear_scan_bwd: a, h, grad_h must match");
   const int64_t dim = a.size(2);
   const auto acc_dtype = at::toOpMathType(a.scalar_type());
   at::Tensor grad_a = at::empty(a.sizes(), a.options());
   at::Tensor grad_b = at::empty(a.sizes(), a.options());
   at::Tensor grad_initial = at::empty({seqs.count, dim}, a.options().dtype(acc_dtype));
-  at::Tensor grad_final_c = grad_final.has_value() ? grad_final->contiguous() : at::Tensor();
+  const std::optional<at::Tensor> grad_final_c =
+      grad_final.has_value() ? std::optional<at::Tensor>(grad_final->to(acc_dtype).contiguous()) : std::nullopt;
+  check_state("grad_final", grad_final_c, a, seqs.count);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "linear_scan_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* h0 = initial_state.has_value() ? initial_state->data_ptr<acc_t>() : nullptr;
-    const acc_t* dfinal = grad_final_c.defined() ? grad_final_c.data_ptr<acc_t>() : nullptr;
+    const acc_t* dfinal = grad_final_c.has_value() ? grad_final_c->data_ptr<acc_t>() : nullptr;
     scan_backward<scalar_t, acc_t>(Rows<const scalar_t>::of(a), Rows<const scalar_t>::of(h),
                                    Rows<const scalar_t>::of(grad_h), Rows<scalar_t>::of(grad_a),
                                    Rows<scalar_t>::of(grad_b), h0, dfinal,

@@ -157,9 +157,9 @@ def _validate(a, b, initial_state, reverse, cu_seqlens) -> None:
     _checks.float_dtype("a", a)
     _checks.same("b", b, "a", a)
     if not isinstance(reverse, bool):
-        raise TypeError(f"linear_scan: reverse must be a bool, got {type(reverse).__name__}")
+        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
     if a.shape[1] < 1:
-        raise ValueError(f"linear_scan: a must have at least one time step (T >= 1), got shape {tuple(a.shape)}")
+        raise ValueError(f"a must have at least one time step (T >= 1), got shape {tuple(a.shape)}")
     num_sequences = a.shape[0]
     if cu_seqlens is not None:
         num_sequences = _checks.cu_seqlens(cu_seqlens, a, total=a.shape[1])
