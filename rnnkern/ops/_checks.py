@@ -59,3 +59,30 @@ def cu_seqlens(cu: Tensor, x: Tensor, total: int) -> int:
         if any(later < earlier for earlier, later in zip(bounds, bounds[1:])):
             raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
     return cu.shape[0] - 1
+
+
+def parameter(name: str, x, shape: tuple, ref: Tensor) -> None:
+    """A weight or bias: exactly `shape`, with the dtype and device of `ref` (the input)."""
+    doc = "(" + ", ".join(str(s) for s in shape) + ")"
+    tensor(name, x, len(shape), doc)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {doc}, got {tuple(x.shape)}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the input's dtype ({ref.dtype}), got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on the input's device ({ref.device}), got {x.device}")
+
+
+def lengths(lengths, batch: int, steps: int, device: torch.device) -> Tensor:
+    """Per-sequence step counts (B,) in [0, T]; returned as int64 on `device`."""
+    if not isinstance(lengths, Tensor):
+        raise TypeError(f"lengths must be a torch.Tensor of shape ({batch},), got {type(lengths).__name__}")
+    if lengths.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"lengths must be int32 or int64, got {lengths.dtype}")
+    if tuple(lengths.shape) != (batch,):
+        raise ValueError(f"lengths must have shape ({batch},), got {tuple(lengths.shape)}")
+    if not torch.compiler.is_compiling() and batch > 0:
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 0 or high > steps:
+            raise ValueError(f"lengths must lie in [0, T={steps}], got values in [{low}, {high}]")
+    return lengths.to(device=device, dtype=torch.int64)

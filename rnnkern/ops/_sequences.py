@@ -1,0 +1,36 @@
+"""Time bookkeeping shared by the recurrent ops: per-sequence lengths and directions.
+
+A batch of B sequences padded to T steps, where sequence b holds lengths[b] valid steps.
+Going forward, step s of sequence b is time s; going in reverse it is time lengths[b]-1-s,
+so every sequence starts from its own last valid step.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def full_lengths(batch: int, steps: int, device: torch.device) -> Tensor:
+    return torch.full((batch,), steps, dtype=torch.int64, device=device)
+
+
+def flip_valid(x: Tensor, lengths: Tensor) -> Tensor:
+    """x (B, T, ...) with each sequence's first lengths[b] steps in reverse order.
+
+    Steps past a sequence's end stay where they are. flip_valid is its own inverse.
+    """
+    steps = torch.arange(x.shape[1], device=x.device)  # (T,)
+    lengths = lengths.to(x.device)[:, None]  # (B, 1)
+    index = torch.where(steps < lengths, lengths - 1 - steps, steps)  # (B, T)
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+def previous_states(y: Tensor, h0: Tensor, lengths: Optional[Tensor], reverse: bool) -> Tensor:
+    """(B, T, P): the state each step started from (h0 at a sequence's first step, else the
+    previous step's output). Entries past a sequence's end are unspecified."""
+    if not reverse:
+        return torch.cat([h0[:, None], y[:, :-1]], dim=1)
+    shifted = torch.cat([y[:, 1:], torch.zeros_like(y[:, :1])], dim=1)
+    lengths = lengths if lengths is not None else full_lengths(y.shape[0], y.shape[1], y.device)
+    first = (lengths.to(y.device) - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, y.shape[2])  # (B, 1, P)
+    return shifted.scatter(1, first, h0[:, None].to(y.dtype))
