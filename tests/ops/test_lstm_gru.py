@@ -1,0 +1,288 @@
+"""lstm_layer / gru_layer and their cells: every backend against the reference, the
+reference against torch.nn in fp64."""
+import pytest
+import torch
+
+import rnnkern
+from tests.conftest import backend_params
+from tests.ops.recurrent import GRU, KINDS, LSTM, lengths_tensor, outputs_and_grads, random_weights
+from tests.tolerances import assert_close
+
+DTYPE_IDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
+# (B, T, I, H, P, lengths, reverse): awkward sizes, packed lengths (unsorted, with 0 and T)
+CONFIGS = {
+    "B3-T7-I5-H4": (3, 7, 5, 4, 0, None, False),
+    "B4-T6-I3-H5-lengths-reverse": (4, 6, 3, 5, 0, [6, 2, 0, 5], True),
+    "B2-T5-I4-H6-P3-lengths": (2, 5, 4, 6, 3, [3, 5], False),
+    "B1-T1-I2-H3": (1, 1, 2, 3, 0, None, False),
+}
+
+
+def configs_of(kind) -> dict:
+    """The configurations that apply to `kind` (GRU has no projection)."""
+    return {name: c for name, c in CONFIGS.items() if kind is LSTM or not c[4]}
+
+
+def kind_id(kind):
+    return kind.name
+
+
+def backends(kind):
+    return backend_params(f"{kind.name}_layer", f"{kind.name}_fwd")
+
+
+def case_inputs(kind, config, dtype, device, seed=0):
+    batch, steps, features, hidden, proj, lengths, reverse = config
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, steps, features), generator=gen, dtype=torch.float64).to(device, dtype)
+    states = kind.states(batch, hidden, proj, dtype, device, gen)
+    weights = random_weights(kind, features, hidden, proj, dtype, device, gen)
+    return x, states, weights, dict(lengths=lengths_tensor(lengths, device), reverse=reverse)
+
+
+def assert_all_close(actual: dict, expected: dict, dtype) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert actual[name].dtype == expected[name].dtype, name
+        assert_close(actual[name], expected[name], dtype, name)
+
+
+# --- reference against torch.nn ---------------------------------------------------------
+
+
+def torch_nn_outputs_and_grads(kind, module, x, states, direction, lengths, seed=7) -> dict:
+    """Same outputs and gradients as outputs_and_grads, from a bidirectional torch.nn module."""
+    leaves = [t.detach().requires_grad_() for t in [x, *states]]
+    both = [torch.stack([s, s]) if d == 0 else torch.stack([s, s]) for d, s in enumerate(leaves[1:])]
+    hx = tuple(both) if kind is LSTM else both[0]
+    inp = leaves[0]
+    if lengths is not None:
+        inp = torch.nn.utils.rnn.pack_padded_sequence(inp, lengths.clamp(min=1).cpu(), batch_first=True,
+                                                      enforce_sorted=False)
+    out, finals = module(inp, hx)
+    if lengths is not None:
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+    finals = list(finals) if kind is LSTM else [finals]
+    width = out.shape[-1] // 2
+    outs = [out[..., direction * width:(direction + 1) * width]] + [f[direction] for f in finals]
+    gen = torch.Generator().manual_seed(seed)
+    cotangents = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs]
+    params = kind.weights(module, direction)
+    grads = torch.autograd.grad(outs, leaves + params, cotangents)
+    result = dict(zip(["y", "h_T", "c_T"][: len(outs)], outs))
+    result.update({f"grad_{i}": g for i, g in enumerate(grads)})
+    return result
+
+
+# torch.nn cannot pack empty sequences: those configurations are compared backend to backend
+TORCH_NN_CASES = [
+    pytest.param(kind, config, id=f"{kind.name}-{name}")
+    for kind in KINDS for name, config in configs_of(kind).items() if config[5] is None or 0 not in config[5]
+]
+
+
+@pytest.mark.parametrize("direction", [0, 1], ids=["forward", "reverse"])
+@pytest.mark.parametrize("kind,config", TORCH_NN_CASES)
+def test_reference_matches_torch_nn(kind, config, direction):
+    batch, steps, features, hidden, proj, lengths, _ = config
+    torch.manual_seed(0)
+    module = kind.module(features, hidden, proj, bidirectional=True).double()
+    x, states, _, opts = case_inputs(kind, config, torch.float64, "cpu")
+    expected = torch_nn_outputs_and_grads(kind, module, x, states, direction, opts["lengths"])
+    actual = outputs_and_grads(kind, x, states, kind.weights(module, direction), lengths=opts["lengths"],
+                               reverse=bool(direction), backend="reference")
+    assert_all_close(actual, expected, torch.float64)
+
+
+# --- every backend against the reference ------------------------------------------------
+
+
+def _params(kind):
+    return [pytest.param(kind, *p.values, id=f"{kind.name}-{p.id}", marks=p.marks) for p in backends(kind)]
+
+
+ALL_BACKENDS = _params(LSTM) + _params(GRU)
+
+
+BACKEND_CONFIGS = [
+    pytest.param(*p.values, config, id=f"{p.id}-{name}", marks=p.marks)
+    for p in ALL_BACKENDS for name, config in configs_of(p.values[0]).items()
+]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_IDS), ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("kind,device,backend,config", BACKEND_CONFIGS)
+def test_matches_reference(kind, device, backend, config, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("triton backend: float64 is not supported")
+    x, states, weights, opts = case_inputs(kind, config, dtype, device)
+    assert_all_close(outputs_and_grads(kind, x, states, weights, backend=backend, **opts),
+                     outputs_and_grads(kind, x, states, weights, backend="reference", **opts), dtype)
+
+
+@pytest.mark.parametrize("kind,device,backend", ALL_BACKENDS)
+def test_without_biases_or_states(kind, device, backend):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 3, generator=gen).to(device)
+    weights = random_weights(kind, 3, 5, 0, torch.float32, device, gen, bias=False)
+    if kind is LSTM:
+        y, (h, c) = rnnkern.lstm_layer(x, None, *weights, backend=backend)
+        y_ref, (h_ref, c_ref) = rnnkern.lstm_layer(x, None, *weights, backend="reference")
+        got, want = [y, h, c], [y_ref, h_ref, c_ref]
+    else:
+        y, h = rnnkern.gru_layer(x, None, *weights, backend=backend)
+        y_ref, h_ref = rnnkern.gru_layer(x, None, *weights, backend="reference")
+        got, want = [y, h], [y_ref, h_ref]
+    for name, g, w in zip(["y", "h", "c"], got, want):
+        assert_close(g, w, torch.float32, name)
+
+
+@pytest.mark.parametrize("kind,device,backend", ALL_BACKENDS)
+def test_steps_one_at_a_time_equal_the_sequence(kind, device, backend):
+    """The streaming API: T=1 calls carrying the state reproduce the full sequence."""
+    x, states, weights, _ = case_inputs(kind, (2, 6, 3, 5, 0, None, False), torch.float32, device)
+    full = kind.layer(x, states, weights, backend=backend)
+    carried, steps = states, []
+    for t in range(x.shape[1]):
+        out = kind.layer(x[:, t:t + 1], carried, weights, backend=backend)
+        steps.append(out[0])
+        carried = out[1:]
+    assert_close(torch.cat(steps, dim=1), full[0], torch.float32, "y")
+    for name, got, want in zip(["h", "c"], carried, full[1:]):
+        assert_close(got, want, torch.float32, name)
+
+
+@pytest.mark.parametrize("kind,device,backend", ALL_BACKENDS)
+def test_cell_equals_torch_nn_cell(kind, device, backend):
+    torch.manual_seed(0)
+    cell = (torch.nn.LSTMCell if kind is LSTM else torch.nn.GRUCell)(4, 6).to(device)
+    x = torch.randn(3, 4, device=device)
+    states = kind.states(3, 6, 0, torch.float32, device, torch.Generator().manual_seed(1))
+    weights = [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
+    got = kind.cell(x, states, weights, backend=backend)
+    want = cell(x, tuple(states) if kind is LSTM else states[0])
+    want = list(want) if kind is LSTM else [want]
+    for name, g, w in zip(["h", "c"], got, want):
+        assert_close(g, w, torch.float32, name)
+
+
+GRADCHECK_CASES = [
+    pytest.param(kind, *p.values[1:], name, id=f"{p.id}-{name}", marks=p.marks)
+    for kind in KINDS for p in _params(kind) if p.values[1] in ("reference", "cpu") and p.values[0] == "cpu"
+    for name in ("B4-T6-I3-H5-lengths-reverse", "B2-T5-I4-H6-P3-lengths") if name in configs_of(kind)
+]
+
+
+@pytest.mark.parametrize("kind,device,backend,config", GRADCHECK_CASES)
+def test_gradcheck_fp64(kind, device, backend, config):
+    batch, steps, features, hidden, proj, lengths, reverse = CONFIGS[config]
+    x, states, weights, opts = case_inputs(kind, (batch, 3, features, 3, min(proj, 2), None, reverse),
+                                           torch.float64, "cpu")
+    opts["lengths"] = lengths_tensor([min(n, 3) for n in lengths] if lengths else None, "cpu")
+    tensors = [t.requires_grad_() for t in [x, *states, *weights]]
+    n_states = len(states)
+
+    def layer(x, *rest):
+        return tuple(kind.layer(x, list(rest[:n_states]), list(rest[n_states:]), backend=backend, **opts))
+
+    assert torch.autograd.gradcheck(layer, tensors)
+
+
+@pytest.mark.parametrize("kind,device,backend", ALL_BACKENDS)
+def test_opcheck(kind, device, backend):
+    x, states, weights, _ = case_inputs(kind, (2, 4, 3, 5, 0, None, False), torch.float32, device)
+    gx = torch.nn.functional.linear(x, weights[0], weights[2]).detach()
+    lengths = torch.tensor([4, 2], device=device)
+    if kind is LSTM:
+        op, args = torch.ops.rnnkern.lstm_recurrence.default, (gx, *states, weights[1], None)
+    else:
+        op, args = torch.ops.rnnkern.gru_recurrence.default, (gx, states[0], weights[1], weights[3])
+    for lens, reverse in ((None, False), (lengths, True)):
+        torch.library.opcheck(op, (*args, lens, reverse, True, backend))
+    torch.library.opcheck(op, (*args, None, False, False, backend),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("kind,device,backend", ALL_BACKENDS)
+def test_compile_fullgraph_forward_and_backward(kind, device, backend):
+    x, states, weights, opts = case_inputs(kind, CONFIGS["B4-T6-I3-H5-lengths-reverse"], torch.float32, device)
+
+    def loss(x, *weights):
+        return sum(o.square().sum() for o in kind.layer(x.tanh(), states, list(weights), backend=backend, **opts))
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    eager_leaves = [t.clone().requires_grad_() for t in [x, *weights]]
+    compiled_leaves = [t.clone().requires_grad_() for t in [x, *weights]]
+    loss(*eager_leaves).backward()
+    compiled(*compiled_leaves).backward()
+    for eager, traced in zip(eager_leaves, compiled_leaves):
+        assert_close(traced.grad, eager.grad, torch.float32, "gradient")
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=kind_id)
+def test_inference_keeps_no_workspace_and_matches_training(kind):
+    x, states, weights, opts = case_inputs(kind, CONFIGS["B4-T6-I3-H5-lengths-reverse"], torch.float32, "cpu")
+    with torch.no_grad():
+        inference = kind.layer(x, states, weights, **opts)
+    training = kind.layer(x, states, [w.requires_grad_() for w in weights], **opts)
+    for name, got, want in zip(["y", "h", "c"], inference, training):
+        assert_close(got, want, torch.float32, name)
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+def _lstm_args(**overrides):
+    gen = torch.Generator().manual_seed(0)
+    args = dict(x=torch.randn(2, 5, 3), hx=(torch.zeros(2, 4), torch.zeros(2, 4)),
+                w_ih=torch.randn(16, 3, generator=gen), w_hh=torch.randn(16, 4, generator=gen),
+                b_ih=torch.zeros(16), b_hh=torch.zeros(16))
+    args.update(overrides)
+    return args
+
+
+BAD_LSTM_INPUTS = {
+    "x-2d": (dict(x=torch.randn(5, 3)), ValueError, r"x must have shape \(B, T, I\), got shape \(5, 3\)"),
+    "x-int": (dict(x=torch.ones(2, 5, 3, dtype=torch.int64)), TypeError, r"x must be float16.*got torch\.int64"),
+    "feature-size": (dict(x=torch.randn(2, 5, 7)), ValueError, r"w_ih must have shape \(16, 7\), got \(16, 3\)"),
+    "w-hh-rows": (dict(w_hh=torch.randn(15, 4)), ValueError, r"w_hh must have shape \(4H, P\).*not a multiple of 4"),
+    "h0-shape": (dict(hx=(torch.zeros(3, 4), torch.zeros(2, 4))), ValueError, r"h0 must have shape \(2, 4\), got \(3, 4\)"),
+    "c0-shape": (dict(hx=(torch.zeros(2, 4), torch.zeros(2, 5))), ValueError, r"c0 must have shape \(2, 4\), got \(2, 5\)"),
+    "hx-not-tuple": (dict(hx=torch.zeros(2, 4)), TypeError, r"hx must be a tuple \(h0, c0\) or None, got Tensor"),
+    "mixed-dtypes": (dict(w_hh=torch.randn(16, 4, dtype=torch.float64)), TypeError, r"w_hh must have the input's dtype \(torch\.float32\), got torch\.float64"),
+    "mixed-devices": (dict(b_ih=torch.zeros(16, device="meta")), ValueError, r"b_ih must be on the input's device \(cpu\), got meta"),
+    "lengths-shape": (dict(lengths=torch.tensor([5])), ValueError, r"lengths must have shape \(2,\), got \(1,\)"),
+    "lengths-range": (dict(lengths=torch.tensor([5, 6])), ValueError, r"lengths must lie in \[0, T=5\], got values in \[5, 6\]"),
+    "lengths-dtype": (dict(lengths=torch.tensor([5.0, 2.0])), TypeError, r"lengths must be int32 or int64, got torch\.float32"),
+    "proj-without-w-hr": (dict(w_hh=torch.randn(16, 2), hx=None), ValueError, r"w_hh has 2 columns but the hidden size is 4: pass w_hr \(2, 4\)"),
+    "unknown-backend": (dict(backend="cudnn"), ValueError, r"unknown backend 'cudnn'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LSTM_INPUTS.values(), ids=BAD_LSTM_INPUTS.keys())
+def test_lstm_bad_input_is_a_clear_error(case):
+    overrides, error, message = case
+    args = _lstm_args(**overrides)
+    with pytest.raises(error, match=message):
+        rnnkern.lstm_layer(args.pop("x"), args.pop("hx"), args.pop("w_ih"), args.pop("w_hh"), **args)
+
+
+BAD_GRU_INPUTS = {
+    "feature-size": (dict(x=torch.randn(2, 5, 7)), ValueError, r"w_ih must have shape \(12, 7\), got \(12, 3\)"),
+    "w-hh-shape": (dict(w_hh=torch.randn(12, 5)), ValueError, r"w_hh must have shape \(15, 5\), got \(12, 5\)"),
+    "h0-shape": (dict(h0=torch.zeros(2, 3)), ValueError, r"h0 must have shape \(2, 4\), got \(2, 3\)"),
+    "mixed-dtypes": (dict(h0=torch.zeros(2, 4, dtype=torch.float16)), TypeError, r"h0 must have the input's dtype"),
+    "cell-x-3d": (dict(cell=True), ValueError, r"x must have shape \(B, I\), got shape \(2, 5, 3\)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_GRU_INPUTS.values(), ids=BAD_GRU_INPUTS.keys())
+def test_gru_bad_input_is_a_clear_error(case):
+    overrides, error, message = case
+    gen = torch.Generator().manual_seed(0)
+    args = dict(x=torch.randn(2, 5, 3), h0=torch.zeros(2, 4), w_ih=torch.randn(12, 3, generator=gen),
+                w_hh=torch.randn(12, 4, generator=gen))
+    cell = overrides.pop("cell", False)
+    args.update(overrides)
+    with pytest.raises(error, match=message):
+        (rnnkern.gru_cell if cell else rnnkern.gru_layer)(*args.values())
