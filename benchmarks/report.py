@@ -7,7 +7,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -90,19 +90,15 @@ def write_json(directory: Path, results: dict[str, Any]) -> Path:
 # Table of kernel records.
 
 IDENTITY_COLUMNS = ("op", "backend", "dir", "shape", "dtype")
-METRIC_COLUMNS = ("median ms", "min ms", "IQR ms", "x add", "vs loop", "GB/s", "peak MiB")
-LEGEND = (
-    "x add: median / median of the memory-traffic floor (fwd: torch.add; bwd: torch.addcmul, which moves 4 of "
-    "the backward's 5 tensors)\n"
-    "(out=): the floor writing into a preallocated tensor, without the allocation and page faults\n"
-    "vs loop: speedup over the plain PyTorch loop (loop median / median)"
-)
+
+# A suite's metric columns: (header, record -> cell text).
+Columns = list[tuple[str, Callable[[dict[str, Any]], str]]]
 
 
-def table(records: list[dict[str, Any]]) -> str:
-    """One line per record, skipped ones with their reason, then a legend."""
+def table(records: list[dict[str, Any]], columns: Columns, legend: str) -> str:
+    """One line per record, skipped ones with their reason, then the suite's legend."""
     identities = [IDENTITY_COLUMNS] + [_identity_cells(record) for record in records]
-    metrics = [METRIC_COLUMNS] + [_metric_cells(record) for record in records]
+    metrics = [tuple(header for header, _ in columns)] + [_metric_cells(record, columns) for record in records]
     identity_widths = _widths(identities)
     metric_widths = _widths([cells for cells in metrics if isinstance(cells, tuple)])
     lines = []
@@ -110,7 +106,7 @@ def table(records: list[dict[str, Any]]) -> str:
         left = "  ".join(cell.ljust(width) for cell, width in zip(identity, identity_widths))
         right = metric if isinstance(metric, str) else "  ".join(map(str.rjust, metric, metric_widths))
         lines.append(f"{left}  {right}")
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], "", LEGEND])
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], "", legend])
 
 
 def _widths(rows: list[tuple[str, ...]]) -> list[int]:
@@ -122,16 +118,8 @@ def _identity_cells(record: dict[str, Any]) -> tuple[str, ...]:
     return record["op"], record["backend"], record["direction"], shape, record["dtype"]
 
 
-def _metric_cells(record: dict[str, Any]) -> Union[tuple[str, ...], str]:
+def _metric_cells(record: dict[str, Any], columns: Columns) -> Union[tuple[str, ...], str]:
     """The measured values as cells, or one string saying why the benchmark was skipped."""
     if "skipped" in record:
         return f"skipped: {record['skipped']}"
-    return (
-        f"{record['ms_median']:.4g}",
-        f"{record['ms_min']:.4g}",
-        f"{record['ms_q3'] - record['ms_q1']:.2g}",
-        f"{record['ratio_vs_add']:.2f}",
-        f"{record['speedup_vs_loop']:.2f}",
-        f"{record['gbps']:.1f}",
-        f"{record['peak_mem_bytes'] / 2**20:.1f}",
-    )
+    return tuple(cell(record) for _, cell in columns)

@@ -35,8 +35,9 @@ def main(argv: list[str]) -> None:
     results = {"schema_version": report.SCHEMA_VERSION, "meta": report.environment(settings), "kernels": []}
     for name in suites.SUITES if args.suite == "all" else (args.suite,):
         suite = suites.load(name)
-        results.setdefault(suite.SECTION, []).extend(suite.run(settings))
-    print(report.table(results["kernels"]))
+        records = suite.run(settings)
+        results.setdefault(suite.SECTION, []).extend(records)
+        print(f"\n[{name}]\n" + report.table(records, suite.COLUMNS, suite.LEGEND), flush=True)
     report.progress(f"wrote {report.write_json(args.out, results)}")
 
 

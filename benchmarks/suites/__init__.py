@@ -1,12 +1,13 @@
 """Benchmark suites, one module each.
 
-A suite module exposes ``SECTION`` (the key of results.json its records go under) and
+A suite module exposes ``SECTION`` (the key of results.json its records go under),
+``COLUMNS`` and ``LEGEND`` (its table) and
 ``run(settings) -> list[dict]`` (one record per measured or skipped benchmark).
 """
 import importlib
 from types import ModuleType
 
-SUITES = ("scan",)
+SUITES = ("scan", "lstm", "gru")
 
 
 def load(name: str) -> ModuleType:

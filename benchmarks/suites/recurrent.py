@@ -1,0 +1,145 @@
+"""LSTM and GRU suites: rnnkern.nn modules against torch.nn in the same process.
+
+torch.nn runs cuDNN on a GPU and its native/oneDNN kernels on a CPU; both sides hold the
+same weights (rnnkern loads torch's state_dict). What each direction times:
+  fwd      ``module(x)`` under torch.no_grad (batch_first, whole sequence)
+  fwd+bwd  ``module(x)`` then ``y.backward(grad)``, x and the parameters requiring grad
+  step     one token: ``module(x_t, state)`` with x_t (B, 1, I) and the carried state,
+           under torch.no_grad: the decoding / streaming call
+"""
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+import rnnkern
+import rnnkern.nn
+from benchmarks import memory
+from benchmarks.report import progress
+from benchmarks.timing import Settings, measure
+
+SECTION = "kernels"
+COLUMNS = [
+    ("median ms", lambda r: f"{r['ms_median']:.4g}"),
+    ("min ms", lambda r: f"{r['ms_min']:.4g}"),
+    ("IQR ms", lambda r: f"{r['ms_q3'] - r['ms_q1']:.2g}"),
+    ("vs torch.nn", lambda r: f"{r['speedup_vs_torch']:.2f}"),
+    ("peak MiB", lambda r: f"{r['peak_mem_bytes'] / 2**20:.1f}"),
+]
+LEGEND = "vs torch.nn: torch.nn's median / this median (above 1: rnnkern is faster)"
+
+BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+
+@dataclass(frozen=True)
+class Case:
+    direction: str  # "fwd", "fwd+bwd" or "step"
+    batch: int
+    steps: int
+    hidden: int  # input size = hidden size
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def shape(self) -> list[int]:
+        return [self.batch, self.steps, self.hidden, self.hidden]
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    """The issue's reference points: I = H = 256 on CPU, H = 768 bf16 on GPU, and one-token steps."""
+    if device.type == "cpu":
+        sequences = [(16, 256, 256, torch.float32)]
+        steps = [(1, 256, torch.float32)] + ([] if quick else [(1, 512, torch.float32)])
+    else:
+        sequences = [(16, 1024, 768, torch.bfloat16)] + ([] if quick else [(16, 1024, 768, torch.float32)])
+        steps = [(1, 768, torch.bfloat16), (64, 768, torch.bfloat16)]
+    return ([Case(d, b, t, h, dt, device) for b, t, h, dt in sequences for d in ("fwd", "fwd+bwd")]
+            + [Case("step", b, 1, h, dt, device) for b, h, dt in steps])
+
+
+def run_suite(kind: str, settings: Settings) -> list[dict[str, Any]]:
+    records = []
+    for case in cases(settings.device, settings.quick):
+        torch_module = _torch_module(kind, case)
+        torch_record = _measure(kind, "torch.nn", torch_module, case, settings)
+        records.append({**torch_record, "speedup_vs_torch": 1.0})
+        for backend in BACKENDS[case.device.type]:
+            reason = _refusal(kind, backend, case)
+            if reason is not None:
+                records.append({**_identity(kind, backend, case), "skipped": reason})
+                continue
+            ours = _rnnkern_module(kind, torch_module, backend)
+            record = _measure(kind, backend, ours, case, settings)
+            records.append({**record, "speedup_vs_torch": torch_record["ms_median"] / record["ms_median"]})
+    return records
+
+
+def _torch_module(kind: str, case: Case) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cls = torch.nn.LSTM if kind == "lstm" else torch.nn.GRU
+    return cls(case.hidden, case.hidden, batch_first=True, device=case.device, dtype=case.dtype)
+
+
+def _rnnkern_module(kind: str, reference: torch.nn.Module, backend: str) -> torch.nn.Module:
+    cls = rnnkern.nn.LSTM if kind == "lstm" else rnnkern.nn.GRU
+    ours = cls(reference.input_size, reference.hidden_size, batch_first=True, backend=backend,
+               device=reference.weight_ih_l0.device, dtype=reference.weight_ih_l0.dtype)
+    ours.load_state_dict(reference.state_dict())
+    return ours
+
+
+def _refusal(kind: str, backend: str, case: Case) -> Optional[str]:
+    """Why `backend` cannot run this case, or None."""
+    probe = torch.zeros((1, 1, 4), dtype=case.dtype, device=case.device)
+    weights = [torch.zeros((GATES[kind] * 4, 4), dtype=case.dtype, device=case.device)] * 2
+    layer = rnnkern.lstm_layer if kind == "lstm" else rnnkern.gru_layer
+    try:
+        layer(probe, None, *weights, backend=backend)
+    except rnnkern.BackendError as err:
+        return str(err).splitlines()[0]
+    return None
+
+
+GATES = {"lstm": 4, "gru": 3}
+
+
+def _measure(kind: str, backend: str, module: torch.nn.Module, case: Case, settings: Settings) -> dict[str, Any]:
+    progress(f"{kind} {case.direction} B{case.batch}-T{case.steps}-H{case.hidden}-{case.dtype_name}: {backend}")
+    run = _callable(kind, module, case)
+    timing = measure(run, settings)
+    return {**_identity(kind, backend, case), **timing.as_record(),
+            "peak_mem_bytes": memory.peak_bytes(run, case.device)}
+
+
+def _callable(kind: str, module: torch.nn.Module, case: Case) -> Callable[[], Any]:
+    """The timed call of `case.direction`, with its inputs built here, outside the timer."""
+    gen = torch.Generator(device=case.device).manual_seed(1)
+    options = {"dtype": case.dtype, "device": case.device}
+    x = torch.randn((case.batch, case.steps, case.hidden), generator=gen, **options)
+    if case.direction == "fwd":
+        return functools.partial(_no_grad_call, module, x, None)
+    if case.direction == "step":
+        state = torch.zeros((1, case.batch, case.hidden), **options)
+        return functools.partial(_no_grad_call, module, x, (state, state) if kind == "lstm" else state)
+    grad = torch.randn((case.batch, case.steps, case.hidden), generator=gen, **options)
+    return functools.partial(_forward_backward, module, x.requires_grad_(), grad)
+
+
+def _no_grad_call(module, x, state):
+    with torch.no_grad():
+        return module(x, state)
+
+
+def _forward_backward(module, x, grad):
+    y, _ = module(x)
+    y.backward(grad)
+
+
+def _identity(kind: str, backend: str, case: Case) -> dict[str, Any]:
+    return {"suite": kind, "op": kind, "backend": backend, "direction": case.direction, "shape": case.shape,
+            "dtype": case.dtype_name, "device": case.device.type}
