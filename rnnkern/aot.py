@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-TRITON_MODULES = ("rnnkern.ops.linear_scan.triton",)
+TRITON_MODULES = ("rnnkern.ops.linear_scan.triton", "rnnkern.ops.lstm.triton", "rnnkern.ops.gru.triton")
 TARGETS = (80, 90)
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -35,7 +35,8 @@ class TritonCase:
 
     @property
     def name(self) -> str:
-        dtype = self.types.get("a_ptr", "?").lstrip("*")
+        floats = [t.lstrip("*") for t in self.types.values() if t.startswith(("*fp", "*bf"))]
+        dtype = floats[0] if floats else "?"
         flags = [k.lower() if v is True else f"{k}={v}" for k, v in self.constexprs.items() if v is not False]
         return f"{self.kernel.fn.__name__}[{'-'.join([dtype] + flags)}]"
 

@@ -286,3 +286,21 @@ def test_gru_bad_input_is_a_clear_error(case):
     args.update(overrides)
     with pytest.raises(error, match=message):
         (rnnkern.gru_cell if cell else rnnkern.gru_layer)(*args.values())
+
+
+# --- both Triton paths -------------------------------------------------------------------
+
+TRITON = [p for p in ALL_BACKENDS if p.values[2] == "triton"]
+
+
+@pytest.mark.parametrize("path", ["persistent", "alternating"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("kind,device,backend", TRITON)
+def test_triton_paths_match_reference(kind, device, backend, dtype, path, monkeypatch):
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module(f"rnnkern.ops.{kind.name}.triton"), "FORCE_PATH", path)
+    config = (3, 5, 4, 20, 17 if kind is LSTM else 0, [5, 0, 3], True)  # H, P not powers of two
+    x, states, weights, opts = case_inputs(kind, config, dtype, device)
+    assert_all_close(outputs_and_grads(kind, x, states, weights, backend=backend, **opts),
+                     outputs_and_grads(kind, x, states, weights, backend="reference", **opts), dtype)

@@ -171,6 +171,8 @@ def _validate(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
     _checks.tensor("x", x, ndim=3, shape_doc="(B, T, I)")
     _checks.float_dtype("x", x)
     batch, steps, features = x.shape
+    if steps < 1:
+        raise ValueError(f"x must have at least one time step (T >= 1), got shape {tuple(x.shape)}")
     _checks.tensor("w_hh", w_hh, ndim=2, shape_doc="(3H, H)")
     hidden = w_hh.shape[1]
     _checks.parameter("w_hh", w_hh, (3 * hidden, hidden), x)

@@ -10,7 +10,7 @@ torch.nn's (and cuDNN's) gate order (r, z, n):
 
 Gate math runs in the state dtype (fp32 for fp16/bf16); h is kept in the input dtype, as
 the output y_t and the operand of the next GEMM. Steps past lengths[b] leave sequence b's
-state alone and output zeros.
+state alone and output zeros, in y and in the saved gates alike.
 
 The backward returns the gradients of gx (B, T, 3H) and of gh (B, T, 3H), from which the
 caller forms dW_hh and db_hh with one GEMM / one sum.
@@ -53,8 +53,8 @@ def gru_fwd(
         h_new = ((1 - z) * n + z * h.to(acc)).to(gx.dtype)
         h = torch.where(active, h_new, h)
         ys.append(torch.where(active, h_new, 0))
-        gates.append(torch.cat([r, z, n], dim=1))
-        ghn.append(gh_n)
+        gates.append(torch.where(active, torch.cat([r, z, n], dim=1), 0))
+        ghn.append(torch.where(active, gh_n, 0))
     y, gates, ghn = (torch.stack(x, dim=1) for x in (ys, gates, ghn))
     if reverse:
         y, gates, ghn = (flip_valid(x, lengths) for x in (y, gates, ghn))

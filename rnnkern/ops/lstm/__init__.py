@@ -194,6 +194,8 @@ def _validate(x, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
     _checks.tensor("x", x, ndim=3, shape_doc="(B, T, I)")
     _checks.float_dtype("x", x)
     batch, steps, features = x.shape
+    if steps < 1:
+        raise ValueError(f"x must have at least one time step (T >= 1), got shape {tuple(x.shape)}")
     _checks.tensor("w_hh", w_hh, ndim=2, shape_doc="(4H, P)")
     if w_hh.shape[0] % 4:
         raise ValueError(f"w_hh must have shape (4H, P), got {tuple(w_hh.shape)} (first dim not a multiple of 4)")

@@ -10,7 +10,9 @@ with torch.nn's gate order (i, f, g, o):
 
 Gate math and the cell state c run in the state dtype (fp32 for fp16/bf16); h is kept in
 the input dtype, since it is both the output y_t and the operand of the next GEMM. Steps
-past lengths[b] leave sequence b's state alone and output zeros.
+past lengths[b] leave sequence b's state alone and output zeros, in y and in the saved
+gates and cells alike (the weight gradients multiply them by zeros there, so they must be
+finite).
 
 The backward walks the steps in the opposite order and returns the gradients of the
 pre-activation gates (B, T, 4H) and of every h_t (B, T, P), from which the caller forms
@@ -56,8 +58,8 @@ def lstm_fwd(
         h = torch.where(active, h_new, h)
         c = torch.where(active, c_new, c)
         ys.append(torch.where(active, h_new, 0))
-        gates.append(torch.cat([i, f, g, o], dim=1))
-        cells.append(c_new)
+        gates.append(torch.where(active, torch.cat([i, f, g, o], dim=1), 0))
+        cells.append(torch.where(active, c_new, 0))
     y, gates, cells = (torch.stack(x, dim=1) for x in (ys, gates, cells))
     if reverse:
         y, gates, cells = (flip_valid(x, lengths) for x in (y, gates, cells))

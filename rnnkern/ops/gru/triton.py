@@ -1,0 +1,319 @@
+"""Triton kernels of the GRU recurrence (math: reference.py).
+
+The same two paths as the LSTM kernels (rnnkern/ops/lstm/triton.py, which also holds the
+helpers shared here): persistent when the padded hidden size is at most PERSISTENT_MAX = 64
+(W_hh, 3*64*64 values, stays on chip for all T steps of a tile of 16 sequences), else
+alternating: per step, one kernel computes h_{t-1} W_hh^T + b_hh for a tile of (sequences,
+hidden units) fused with the gate math; the backward runs per step one kernel for the
+gate gradients and one for dh_{t-1} = dh_t z + d_gh W_hh.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from rnnkern.ops._sequences import full_lengths
+from rnnkern.ops.lstm.triton import (
+    BLOCK_B_PERSISTENT, BLOCK_K, BLOCK_N, PERSISTENT_MAX, _dot, _emit, _mm, _step_time, _tanh, _to,
+    alternating_grid, padded,
+)
+
+FORCE_PATH: Optional[str] = None  # "persistent" or "alternating" overrides choose_path (tests)
+
+
+# ---------------------------------------------------------------------------------------
+# GRU cell math, shared by both paths.
+
+
+@triton.jit
+def _gru_cell(gx_r, gx_z, gx_n, gh_r, gh_z, gh_n, h_prev):
+    """Gates r, z, n and h_t in fp32 from the input and hidden projections and h_{t-1}."""
+    r = tl.sigmoid(gx_r + gh_r)
+    z = tl.sigmoid(gx_z + gh_z)
+    n = _tanh(gx_n + r * gh_n)
+    return r, z, n, (1.0 - z) * n + z * h_prev
+
+
+@triton.jit
+def _gru_cell_grad(r, z, n, gh_n, h_prev, dh):
+    """Gradients of the pre-activations of r, z, n from dL/dh_t."""
+    d_n = dh * (1.0 - z) * (1.0 - n * n)
+    d_z = dh * (h_prev - n) * z * (1.0 - z)
+    d_r = d_n * gh_n * r * (1.0 - r)
+    return d_r, d_z, d_n
+
+
+@triton.jit
+def _store3(ptrs, H, a, b, c, active, mask):
+    """Three [BLOCK_B, BLOCK_N] gate tiles H apart, zero past a sequence's end."""
+    keep = active[:, None]
+    tl.store(ptrs, tl.where(keep, a, 0.0), mask=mask)
+    tl.store(ptrs + H, tl.where(keep, b, 0.0), mask=mask)
+    tl.store(ptrs + 2 * H, tl.where(keep, c, 0.0), mask=mask)
+
+
+@triton.jit
+def _load3(ptrs, H, mask):
+    a = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(ptrs + H, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(ptrs + 2 * H, mask=mask, other=0.0).to(tl.float32)
+    return a, b, c
+
+
+@triton.jit
+def _bias(b_hh_ptr, offs, mask, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """b_hh[offs] broadcast over a [BLOCK_B, BLOCK_N] tile (zeros without a bias)."""
+    if HAS_BIAS:
+        b = tl.load(b_hh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros_like(offs).to(tl.float32)
+    return tl.zeros([BLOCK_B, 1], dtype=tl.float32) + b[None, :]
+
+
+# ---------------------------------------------------------------------------------------
+# Persistent path: one program per tile of sequences, all steps, W_hh on chip.
+
+
+@triton.jit
+def _gru_fwd_persistent_kernel(
+    gx_ptr, h0_ptr, w_hh_ptr, b_hh_ptr, lengths_ptr, y_ptr, h_n_ptr, gates_ptr, ghn_ptr,
+    B, T, H,
+    HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_b, mask_h = offs_b < B, offs_h < H
+    mask = mask_b[:, None] & mask_h[None, :]  # [BLOCK_B, BLOCK_H]
+    lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
+    # W_hh^T of each gate, [BLOCK_H, BLOCK_H]: element (k, j) is W_hh[q H + j, k]
+    w_offs = offs_h[None, :] * H + offs_h[:, None]
+    w_mask = mask_h[:, None] & mask_h[None, :]
+    w_r = tl.load(w_hh_ptr + w_offs, mask=w_mask, other=0.0)
+    w_z = tl.load(w_hh_ptr + H * H + w_offs, mask=w_mask, other=0.0)
+    w_n = tl.load(w_hh_ptr + 2 * H * H + w_offs, mask=w_mask, other=0.0)
+    b_r = _bias(b_hh_ptr, offs_h, mask_h, HAS_BIAS, BLOCK_B)  # [BLOCK_B, BLOCK_H]
+    b_z = _bias(b_hh_ptr, H + offs_h, mask_h, HAS_BIAS, BLOCK_B)
+    b_n = _bias(b_hh_ptr, 2 * H + offs_h, mask_h, HAS_BIAS, BLOCK_B)
+    state = offs_b[:, None] * H + offs_h[None, :]
+    h = tl.load(h0_ptr + state, mask=mask, other=0.0)  # [BLOCK_B, BLOCK_H] input dtype
+    for step in range(0, T):
+        time, active = _step_time(lengths, step, REVERSE)
+        rows = offs_b.to(tl.int64) * T + time  # [BLOCK_B] row of the (B, T, ...) tensors
+        gate_offs = rows[:, None] * (3 * H) + offs_h[None, :]
+        gx_r, gx_z, gx_n = _load3(gx_ptr + gate_offs, H, mask)
+        gh_n = _dot(h, w_n, b_n)
+        r, z, n, h_new = _gru_cell(gx_r, gx_z, gx_n, _dot(h, w_r, b_r), _dot(h, w_z, b_z), gh_n,
+                                   h.to(tl.float32))
+        h_new = _to(h_new, h.dtype)
+        _store3(gates_ptr + gate_offs, H, r, z, n, active, mask)
+        tl.store(ghn_ptr + rows[:, None] * H + offs_h[None, :], tl.where(active[:, None], gh_n, 0.0), mask=mask)
+        tl.store(y_ptr + rows[:, None] * H + offs_h[None, :], tl.where(active[:, None], h_new, 0.0).to(h.dtype),
+                 mask=mask)
+        h = tl.where(active[:, None], h_new, h)
+    tl.store(h_n_ptr + state, h, mask=mask)
+
+
+@triton.jit
+def _gru_bwd_persistent_kernel(
+    w_hh_ptr, gates_ptr, ghn_ptr, h_prev_ptr, grad_y_ptr, grad_h_n_ptr, lengths_ptr, d_gx_ptr, d_gh_ptr, d_h0_ptr,
+    B, T, H,
+    REVERSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_b, mask_h = offs_b < B, offs_h < H
+    mask = mask_b[:, None] & mask_h[None, :]  # [BLOCK_B, BLOCK_H]
+    lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
+    # W_hh of each gate in fp32, [BLOCK_H, BLOCK_H]: element (j, k) is W_hh[q H + j, k]
+    w_offs = offs_h[:, None] * H + offs_h[None, :]
+    w_mask = mask_h[:, None] & mask_h[None, :]
+    w_r = tl.load(w_hh_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
+    w_z = tl.load(w_hh_ptr + H * H + w_offs, mask=w_mask, other=0.0).to(tl.float32)
+    w_n = tl.load(w_hh_ptr + 2 * H * H + w_offs, mask=w_mask, other=0.0).to(tl.float32)
+    state = offs_b[:, None] * H + offs_h[None, :]
+    dh = tl.load(grad_h_n_ptr + state, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_B, BLOCK_H]
+    for k in range(0, T):
+        step = T - 1 - k
+        time, active = _step_time(lengths, step, REVERSE)
+        keep = active[:, None]
+        rows = offs_b.to(tl.int64) * T + time  # [BLOCK_B]
+        offs = rows[:, None] * H + offs_h[None, :]
+        gate_offs = rows[:, None] * (3 * H) + offs_h[None, :]
+        dh_t = dh + tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        r, z, n = _load3(gates_ptr + gate_offs, H, mask)
+        gh_n = tl.load(ghn_ptr + offs, mask=mask, other=0.0)
+        h_prev = tl.load(h_prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d_r, d_z, d_n = _gru_cell_grad(r, z, n, gh_n, h_prev, dh_t)
+        d_r = tl.where(keep, d_r, 0.0)
+        d_z = tl.where(keep, d_z, 0.0)
+        d_hn = tl.where(keep, d_n * r, 0.0)
+        _store3(d_gx_ptr + gate_offs, H, d_r, d_z, d_n, active, mask)
+        _store3(d_gh_ptr + gate_offs, H, d_r, d_z, d_hn, active, mask)
+        # dh <- dh_t z + d_gh W_hh inside a sequence, dh past its end (d_gh is zero there)
+        dh = _dot(d_hn, w_n, _dot(d_z, w_z, _dot(d_r, w_r, tl.where(keep, dh_t * z, dh))))
+    tl.store(d_h0_ptr + state, dh, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Alternating path: per step, kernels over (sequence tile, hidden tile).
+
+
+@triton.jit(do_not_specialize=["step"])
+def _gru_fwd_step_kernel(
+    gx_ptr, h_in_ptr, h_out_ptr, w_hh_ptr, b_hh_ptr, lengths_ptr, y_ptr, gates_ptr, ghn_ptr,
+    step, B, T, H,
+    HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
+    offs_h = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    mask_b, mask_h = offs_b < B, offs_h < H
+    mask = mask_b[:, None] & mask_h[None, :]  # [BLOCK_B, BLOCK_N]
+    lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
+    time, active = _step_time(lengths, step, REVERSE)
+    rows = offs_b.to(tl.int64) * T + time  # [BLOCK_B]
+    gate_offs = rows[:, None] * (3 * H) + offs_h[None, :]
+    h_rows = h_in_ptr + offs_b * H
+    w_cols = w_hh_ptr + offs_h * H  # row j of W_hh's first gate
+    gh_r = _mm(_bias(b_hh_ptr, offs_h, mask_h, HAS_BIAS, BLOCK_B), h_rows, 1, mask_b, w_cols, 1, mask_h, H,
+               BLOCK_K)
+    gh_z = _mm(_bias(b_hh_ptr, H + offs_h, mask_h, HAS_BIAS, BLOCK_B), h_rows, 1, mask_b, w_cols + H * H, 1,
+               mask_h, H, BLOCK_K)
+    gh_n = _mm(_bias(b_hh_ptr, 2 * H + offs_h, mask_h, HAS_BIAS, BLOCK_B), h_rows, 1, mask_b,
+               w_cols + 2 * H * H, 1, mask_h, H, BLOCK_K)
+    gx_r, gx_z, gx_n = _load3(gx_ptr + gate_offs, H, mask)
+    state = offs_b[:, None] * H + offs_h[None, :]
+    h_prev = tl.load(h_in_ptr + state, mask=mask, other=0.0).to(tl.float32)
+    r, z, n, h = _gru_cell(gx_r, gx_z, gx_n, gh_r, gh_z, gh_n, h_prev)
+    _store3(gates_ptr + gate_offs, H, r, z, n, active, mask)
+    tl.store(ghn_ptr + rows[:, None] * H + offs_h[None, :], tl.where(active[:, None], gh_n, 0.0), mask=mask)
+    _emit(h, active, state, h_in_ptr, h_out_ptr, y_ptr, rows[:, None] * H + offs_h[None, :], mask)
+
+
+@triton.jit(do_not_specialize=["step"])
+def _gru_bwd_step_kernel(
+    gates_ptr, ghn_ptr, h_prev_ptr, grad_y_ptr, dh_ptr, lengths_ptr, d_gx_ptr, d_gh_ptr,
+    step, B, T, H,
+    REVERSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """d_gx and d_gh at `step`; dh is still the one from the step after."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
+    offs_h = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    mask_b, mask_h = offs_b < B, offs_h < H
+    mask = mask_b[:, None] & mask_h[None, :]  # [BLOCK_B, BLOCK_N]
+    lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
+    time, active = _step_time(lengths, step, REVERSE)
+    rows = offs_b.to(tl.int64) * T + time  # [BLOCK_B]
+    offs = rows[:, None] * H + offs_h[None, :]
+    gate_offs = rows[:, None] * (3 * H) + offs_h[None, :]
+    dh_t = tl.load(dh_ptr + offs_b[:, None] * H + offs_h[None, :], mask=mask, other=0.0)
+    dh_t += tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    r, z, n = _load3(gates_ptr + gate_offs, H, mask)
+    gh_n = tl.load(ghn_ptr + offs, mask=mask, other=0.0)
+    h_prev = tl.load(h_prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    d_r, d_z, d_n = _gru_cell_grad(r, z, n, gh_n, h_prev, dh_t)
+    _store3(d_gx_ptr + gate_offs, H, d_r, d_z, d_n, active, mask)
+    _store3(d_gh_ptr + gate_offs, H, d_r, d_z, d_n * r, active, mask)
+
+
+@triton.jit(do_not_specialize=["step"])
+def _gru_bwd_hidden_kernel(
+    d_gh_ptr, w_hh_ptr, gates_ptr, grad_y_ptr, dh_ptr, lengths_ptr,
+    step, B, T, H,
+    REVERSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The carried dh <- dh_t z + d_gh W_hh at `step`."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
+    offs_h = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    mask_b, mask_h = offs_b < B, offs_h < H
+    mask = mask_b[:, None] & mask_h[None, :]  # [BLOCK_B, BLOCK_N]
+    lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
+    time, active = _step_time(lengths, step, REVERSE)
+    rows = offs_b.to(tl.int64) * T + time  # [BLOCK_B]
+    state = offs_b[:, None] * H + offs_h[None, :]
+    dh = tl.load(dh_ptr + state, mask=mask, other=0.0)  # [BLOCK_B, BLOCK_N] fp32
+    dh_t = dh + tl.load(grad_y_ptr + rows[:, None] * H + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(gates_ptr + rows[:, None] * (3 * H) + H + offs_h[None, :], mask=mask, other=0.0)
+    dh_prev = _mm(dh_t * z, d_gh_ptr + rows * (3 * H), 1, mask_b, w_hh_ptr + offs_h, H, mask_h, 3 * H, BLOCK_K)
+    tl.store(dh_ptr + state, tl.where(active[:, None], dh_prev, dh), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Host launchers.
+
+
+def choose_path(hidden: int) -> str:
+    """'persistent' when W_hh (3H, H) fits on chip, else 'alternating'."""
+    if FORCE_PATH is not None:
+        return FORCE_PATH
+    return "persistent" if padded(hidden) <= PERSISTENT_MAX else "alternating"
+
+
+def gru_fwd(gx, h0, w_hh, b_hh, lengths, reverse):
+    B, T, G = gx.shape
+    H = G // 3
+    gx, h0, w_hh = (t.contiguous() for t in (gx, h0, w_hh))
+    b_hh = b_hh.contiguous() if b_hh is not None else None
+    lengths = full_lengths(B, T, gx.device) if lengths is None else lengths.contiguous()
+    y = gx.new_empty((B, T, H))
+    gates = gx.new_empty((B, T, G), dtype=torch.float32)
+    ghn = gx.new_empty((B, T, H), dtype=torch.float32)
+    if choose_path(H) == "persistent":
+        h_n = torch.empty_like(h0)
+        _gru_fwd_persistent_kernel[(triton.cdiv(B, BLOCK_B_PERSISTENT),)](
+            gx, h0, w_hh, b_hh, lengths, y, h_n, gates, ghn, B, T, H,
+            HAS_BIAS=b_hh is not None, REVERSE=reverse, BLOCK_B=BLOCK_B_PERSISTENT, BLOCK_H=padded(H),
+        )
+        return y, h_n, gates, ghn
+    h = [h0.clone(), torch.empty_like(h0)]  # h ping-pongs between two buffers
+    grid, block_b = alternating_grid(B, H)
+    for step in range(T):
+        _gru_fwd_step_kernel[grid](
+            gx, h[step % 2], h[(step + 1) % 2], w_hh, b_hh, lengths, y, gates, ghn, step, B, T, H,
+            HAS_BIAS=b_hh is not None, REVERSE=reverse, BLOCK_B=block_b, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        )
+    return y, h[T % 2], gates, ghn
+
+
+def gru_bwd(w_hh, gates, ghn, h_prev, grad_y, grad_h_n, lengths, reverse):
+    B, T, G = gates.shape
+    H = G // 3
+    w_hh, gates, ghn, h_prev, grad_y = (t.contiguous() for t in (w_hh, gates, ghn, h_prev, grad_y))
+    lengths = full_lengths(B, T, gates.device) if lengths is None else lengths.contiguous()
+    d_gx, d_gh = torch.empty_like(gates), torch.empty_like(gates)
+    dh = grad_h_n.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # dL/dh_T in, dL/dh_0 out
+    if choose_path(H) == "persistent":
+        _gru_bwd_persistent_kernel[(triton.cdiv(B, BLOCK_B_PERSISTENT),)](
+            w_hh, gates, ghn, h_prev, grad_y, dh, lengths, d_gx, d_gh, dh, B, T, H,
+            REVERSE=reverse, BLOCK_B=BLOCK_B_PERSISTENT, BLOCK_H=padded(H),
+        )
+        return d_gx, d_gh, dh
+    grid, block_b = alternating_grid(B, H)
+    for step in reversed(range(T)):
+        _gru_bwd_step_kernel[grid](gates, ghn, h_prev, grad_y, dh, lengths, d_gx, d_gh, step, B, T, H,
+                                   REVERSE=reverse, BLOCK_B=block_b, BLOCK_N=BLOCK_N)
+        _gru_bwd_hidden_kernel[grid](d_gh, w_hh, gates, grad_y, dh, lengths, step, B, T, H,
+                                     REVERSE=reverse, BLOCK_B=block_b, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return d_gx, d_gh, dh
+
+
+def aot_specs():
+    """(kernel, argument types, constexprs) cases for the ahead-of-time compile check."""
+    cases = (("fp32", True, False, PERSISTENT_MAX, 32), ("bf16", True, True, PERSISTENT_MAX, 32),
+             ("fp16", False, True, 16, 16))
+    for dtype, bias, reverse, hidden, block_b in cases:
+        x = f"*{dtype}"
+        types = {
+            "gx_ptr": x, "h0_ptr": x, "w_hh_ptr": x, "b_hh_ptr": x, "lengths_ptr": "*i64", "y_ptr": x,
+            "h_n_ptr": x, "gates_ptr": "*fp32", "ghn_ptr": "*fp32", "h_prev_ptr": x, "grad_y_ptr": x,
+            "grad_h_n_ptr": "*fp32", "d_gx_ptr": "*fp32", "d_gh_ptr": "*fp32", "d_h0_ptr": "*fp32",
+            "h_in_ptr": x, "h_out_ptr": x, "dh_ptr": "*fp32", "step": "i32", "B": "i32", "T": "i32", "H": "i32",
+        }
+        persistent = dict(REVERSE=reverse, BLOCK_B=BLOCK_B_PERSISTENT, BLOCK_H=hidden)
+        alternating = dict(REVERSE=reverse, BLOCK_B=block_b, BLOCK_N=BLOCK_N)
+        yield _gru_fwd_persistent_kernel, types, {**persistent, "HAS_BIAS": bias}
+        yield _gru_bwd_persistent_kernel, types, persistent
+        yield _gru_fwd_step_kernel, types, {**alternating, "HAS_BIAS": bias, "BLOCK_K": BLOCK_K}
+        yield _gru_bwd_step_kernel, types, alternating
+        yield _gru_bwd_hidden_kernel, types, {**alternating, "BLOCK_K": BLOCK_K}
