@@ -18,9 +18,25 @@ TORCH_LIBRARY(rnnkern_C, m) {
   m.def(
       "linear_scan_bwd(Tensor a, Tensor h, Tensor? initial_state, Tensor grad_h, "
       "Tensor? grad_final, Tensor? cu_seqlens, bool reverse) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lstm_fwd(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "lstm_bwd(Tensor w_hh, Tensor? w_hr, Tensor c0, Tensor gates, Tensor cells, Tensor grad_y, "
+      "Tensor grad_h_n, Tensor grad_c_n, Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "gru_fwd(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "gru_bwd(Tensor w_hh, Tensor gates, Tensor ghn, Tensor h_prev, Tensor grad_y, Tensor grad_h_n, "
+      "Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rnnkern_C, CPU, m) {
   m.impl("linear_scan_fwd", &rnnkern::linear_scan_fwd_cpu);
   m.impl("linear_scan_bwd", &rnnkern::linear_scan_bwd_cpu);
+  m.impl("lstm_fwd", &rnnkern::lstm_fwd_cpu);
+  m.impl("lstm_bwd", &rnnkern::lstm_bwd_cpu);
+  m.impl("gru_fwd", &rnnkern::gru_fwd_cpu);
+  m.impl("gru_bwd", &rnnkern::gru_bwd_cpu);
 }

@@ -19,4 +19,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd_cpu(
     const at::Tensor& grad_h, const std::optional<at::Tensor>& grad_final,
     const std::optional<at::Tensor>& cu_seqlens, bool reverse);
 
+// LSTM recurrence over gx = x W_ih^T + biases (B, T, 4H), optionally projected by w_hr (see
+// rnnkern/ops/lstm/reference.py for the exact contract).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_cpu(
+    const at::Tensor& gx, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd_cpu(
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, const at::Tensor& c0, const at::Tensor& gates,
+    const at::Tensor& cells, const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const std::optional<at::Tensor>& lengths, bool reverse);
+
+// GRU recurrence over gx = x W_ih^T + b_ih (B, T, 3H) (see rnnkern/ops/gru/reference.py).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd_cpu(
+    const at::Tensor& gx, const at::Tensor& h0, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& lengths, bool reverse);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd_cpu(
+    const at::Tensor& w_hh, const at::Tensor& gates, const at::Tensor& ghn, const at::Tensor& h_prev,
+    const at::Tensor& grad_y, const at::Tensor& grad_h_n, const std::optional<at::Tensor>& lengths, bool reverse);
+
 }  // namespace rnnkern

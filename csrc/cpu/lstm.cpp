@@ -1,0 +1,293 @@
+// CPU kernels of the LSTM recurrence (rnnkern/ops/lstm/reference.py states the contract).
+//
+// The whole time loop runs here. The batch splits into one group of rows per thread; per
+// step a group multiplies its rows of h_{t-1} by W_hh^T (one small GEMM) and then runs one
+// fused, vectorised pass over its (rows, 4H) gate pre-activations for the gates, the cell
+// update and the output (rows of finished sequences get zeros and keep their state). The
+// backward walks the steps the other way, around dh_{t-1} = d_gates_t W_hh, in the same way.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+
+#include "../ops.h"
+#include "recurrence.h"
+
+namespace rnnkern {
+namespace {
+
+using cpu::Rows;
+using cpu::Schedule;
+
+constexpr int64_t kGates = 4;  // i, f, g, o; gate q of unit j is column q * H + j
+
+template <typename scalar_t, typename acc_t>
+struct LstmForward {
+  int64_t steps, hidden, proj;
+  Schedule schedule;
+  Rows<const scalar_t> gx;  // (B, T, 4H)
+  cpu::TransposedWeight<acc_t> w_hh;  // W_hh (4H, P)
+  const cpu::TransposedWeight<acc_t>* w_hr;  // W_hr (P, H), or null
+  Rows<scalar_t> y;         // (B, T, P)
+  acc_t* gates;             // (B, T, 4H) activated
+  acc_t* cells;             // (B, T, H)
+  acc_t* c;                 // (B, H) cell state
+  acc_t* h;                 // (B, P) h_{t-1}, the GEMM operand (values of scalar_t)
+  acc_t* pre;               // (B, 4H) h_{t-1} W_hh^T
+  acc_t* m;                 // (B, H) m_t rounded to scalar_t
+  acc_t* projected;         // (B, P) m_t W_hr^T
+
+  // Rows [r0, r1) through every step.
+  void run(int64_t r0, int64_t r1) {
+    const int64_t rows = r1 - r0, width = kGates * hidden;
+    for (int64_t s = 0; s < steps; ++s) {
+      w_hh.multiply(rows, h + r0 * proj, proj, pre + r0 * width, width);
+      for (int64_t b = r0; b < r1; ++b) cell_row(b, s);
+      const acc_t* h_new = m;  // (B, P)
+      if (w_hr) {
+        w_hr->multiply(rows, m + r0 * hidden, hidden, projected + r0 * proj, proj);
+        h_new = projected;
+      }
+      for (int64_t b = r0; b < r1; ++b) emit_row(b, s, h_new + b * proj);
+    }
+  }
+
+  RNNKERN_VECTORIZED void cell_row(int64_t b, int64_t s) {
+    const int64_t t = schedule.time(b, s), H = hidden;
+    acc_t* __restrict gate = gates + (b * steps + t) * kGates * H;
+    acc_t* __restrict cell = cells + (b * steps + t) * H;
+    acc_t* __restrict m_row = m + b * H;
+    if (!schedule.active(b, s)) {  // past the sequence's end: zeros, the state kept
+      std::fill_n(gate, kGates * H, acc_t(0));
+      std::fill_n(cell, H, acc_t(0));
+      std::fill_n(m_row, H, acc_t(0));
+      return;
+    }
+    const scalar_t* __restrict x = gx.at(b, t);
+    const acc_t* __restrict p = pre + b * kGates * H;
+    acc_t* __restrict c_row = c + b * H;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      const acc_t i = cpu::sigmoid(static_cast<acc_t>(x[j]) + p[j]);
+      const acc_t f = cpu::sigmoid(static_cast<acc_t>(x[H + j]) + p[H + j]);
+      const acc_t g = cpu::tanh(static_cast<acc_t>(x[2 * H + j]) + p[2 * H + j]);
+      const acc_t o = cpu::sigmoid(static_cast<acc_t>(x[3 * H + j]) + p[3 * H + j]);
+      const acc_t c_new = f * c_row[j] + i * g;
+      gate[j] = i;
+      gate[H + j] = f;
+      gate[2 * H + j] = g;
+      gate[3 * H + j] = o;
+      cell[j] = c_row[j] = c_new;
+      m_row[j] = static_cast<acc_t>(static_cast<scalar_t>(o * cpu::tanh(c_new)));
+    }
+  }
+
+  // h_t = `h_new` (m_t, or its projection) rounded to scalar_t, into y and the state; past the
+  // sequence's end, a zero output and the state kept.
+  RNNKERN_VECTORIZED void emit_row(int64_t b, int64_t s, const acc_t* __restrict h_new) {
+    scalar_t* __restrict out = y.at(b, schedule.time(b, s));
+    acc_t* __restrict h_row = h + b * proj;
+    if (!schedule.active(b, s)) {
+      std::fill_n(out, proj, static_cast<scalar_t>(0));
+      return;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < proj; ++j) {
+      out[j] = static_cast<scalar_t>(h_new[j]);
+      h_row[j] = static_cast<acc_t>(out[j]);
+    }
+  }
+};
+
+// Walks the steps backwards. Per step: dL/dh_t = grad_y_t + d_gates_{t+1} W_hh (grad_h_n
+// instead at a sequence's last step), dL/dm_t = dL/dh_t (W_hr), then the cell's gradients.
+template <typename acc_t>
+struct LstmBackward {
+  int64_t steps, hidden, proj;
+  Schedule schedule;
+  const acc_t* w_hh;         // (4H, P)
+  const acc_t* w_hr;         // (P, H), or null
+  const acc_t* c0;           // (B, H)
+  const acc_t* gates;        // (B, T, 4H) activated i, f, g, o
+  const acc_t* cells;        // (B, T, H)
+  Rows<const acc_t> grad_y;  // (B, T, P)
+  const acc_t* grad_h_n;     // (B, P)
+  acc_t* d_gates;            // (B, T, 4H) out
+  acc_t* d_h;                // (B, T, P) out
+  acc_t* grad_h0;            // (B, P) out
+  acc_t* dc;                 // (B, H) dL/dc_t; starts as grad_c_n, ends as dL/dc0
+  acc_t* dh;                 // (B, P) dL/dh_t
+  acc_t* dh_rec;             // (B, P) d_gates_{t+1} W_hh
+  acc_t* dm;                 // (B, H) dL/dm_t, with a projection
+  acc_t* d_pre;              // (B, 4H) d_gates of the step
+
+  void run(int64_t r0, int64_t r1) {
+    const int64_t rows = r1 - r0;
+    for (int64_t s = steps - 1; s >= 0; --s) {
+      if (s + 1 < steps) recurrent_gemm(r0, r1);
+      for (int64_t b = r0; b < r1; ++b) gather_row(b, s);
+      const acc_t* d_m = dh;  // (B, H)
+      if (w_hr) {
+        cpu::gemm(rows, hidden, proj, dh + r0 * proj, proj, w_hr, hidden, dm + r0 * hidden, hidden);
+        d_m = dm;
+      }
+      for (int64_t b = r0; b < r1; ++b) cell_row(b, s, d_m + b * hidden);
+    }
+    if (steps > 0) recurrent_gemm(r0, r1);
+    for (int64_t b = r0; b < r1; ++b) {  // a sequence of no steps passes grad_h_n through
+      const acc_t* from = (schedule.length(b) > 0 ? dh_rec : grad_h_n) + b * proj;
+      std::copy(from, from + proj, grad_h0 + b * proj);
+    }
+  }
+
+  // dh_rec = d_gates W_hh on rows [r0, r1)
+  void recurrent_gemm(int64_t r0, int64_t r1) {
+    const int64_t width = kGates * hidden;
+    cpu::gemm(r1 - r0, proj, width, d_pre + r0 * width, width, w_hh, proj, dh_rec + r0 * proj, proj);
+  }
+
+  RNNKERN_VECTORIZED void gather_row(int64_t b, int64_t s) {
+    const int64_t t = schedule.time(b, s);
+    acc_t* __restrict dh_row = dh + b * proj;
+    acc_t* __restrict out = d_h + (b * steps + t) * proj;
+    if (!schedule.active(b, s)) {
+      std::fill_n(dh_row, proj, acc_t(0));
+      std::fill_n(out, proj, acc_t(0));
+      return;
+    }
+    const bool last = s == schedule.length(b) - 1;
+    const acc_t* __restrict carry = (last ? grad_h_n : dh_rec) + b * proj;
+    const acc_t* __restrict grad = grad_y.at(b, t);
+#pragma omp simd
+    for (int64_t j = 0; j < proj; ++j) {
+      dh_row[j] = carry[j] + grad[j];
+      out[j] = dh_row[j];
+    }
+  }
+
+  RNNKERN_VECTORIZED void cell_row(int64_t b, int64_t s, const acc_t* __restrict d_m) {
+    const int64_t H = hidden;
+    acc_t* __restrict d_row = d_pre + b * kGates * H;
+    if (!schedule.active(b, s)) {
+      std::fill_n(d_gates + (b * steps + s) * kGates * H, kGates * H, acc_t(0));
+      std::fill_n(d_row, kGates * H, acc_t(0));
+      return;
+    }
+    const int64_t t = schedule.time(b, s);
+    const acc_t* __restrict gate = gates + (b * steps + t) * kGates * H;
+    const acc_t* __restrict cell = cells + (b * steps + t) * H;
+    const acc_t* __restrict c_prev = s == 0 ? c0 + b * H : cells + (b * steps + schedule.previous_time(b, s)) * H;
+    acc_t* __restrict out = d_gates + (b * steps + t) * kGates * H;
+    acc_t* __restrict dc_row = dc + b * H;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      const acc_t i = gate[j], f = gate[H + j], g = gate[2 * H + j], o = gate[3 * H + j];
+      const acc_t tanh_c = cpu::tanh(cell[j]);
+      const acc_t dc_t = dc_row[j] + d_m[j] * o * (1 - tanh_c * tanh_c);
+      d_row[j] = dc_t * g * i * (1 - i);
+      d_row[H + j] = dc_t * c_prev[j] * f * (1 - f);
+      d_row[2 * H + j] = dc_t * i * (1 - g * g);
+      d_row[3 * H + j] = d_m[j] * tanh_c * o * (1 - o);
+      dc_row[j] = dc_t * f;
+    }
+    std::copy(d_row, d_row + kGates * H, out);
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_cpu(
+    const at::Tensor& gx_in, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse) {
+  TORCH_CHECK(gx_in.dim() == 3 && gx_in.size(2) > 0 && gx_in.size(2) % kGates == 0,
+              "lstm_fwd: gx must have shape (B, T, 4H), got ", gx_in.sizes());
+  const at::Tensor gx = cpu::unit_last_stride(gx_in);
+  const int64_t batch = gx.size(0), steps = gx.size(1), hidden = gx.size(2) / kGates;
+  const int64_t proj = w_hr.has_value() ? w_hr->size(0) : hidden;
+  const auto dtype = gx.scalar_type();
+  cpu::check_tensor("lstm_fwd", "h0", h0, {batch, proj}, dtype);
+  cpu::check_tensor("lstm_fwd", "c0", c0, {batch, hidden}, dtype);
+  cpu::check_tensor("lstm_fwd", "w_hh", w_hh, {kGates * hidden, proj}, dtype);
+  if (w_hr.has_value()) cpu::check_tensor("lstm_fwd", "w_hr", *w_hr, {proj, hidden}, dtype);
+  const at::Tensor lens = cpu::checked_lengths("lstm_fwd", lengths, batch, steps);
+
+  const auto acc = at::toOpMathType(dtype);
+  const auto acc_options = gx.options().dtype(acc);
+  const at::Tensor w_hh_operand = cpu::weight_operand(w_hh, acc, steps);
+  const at::Tensor w_hr_operand = w_hr.has_value() ? cpu::weight_operand(*w_hr, acc, steps) : at::Tensor();
+  at::Tensor y = at::empty({batch, steps, proj}, gx.options());
+  at::Tensor gates = at::empty({batch, steps, kGates * hidden}, acc_options);
+  at::Tensor cells = at::empty({batch, steps, hidden}, acc_options);
+  at::Tensor c = c0.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  at::Tensor h = h0.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  at::Tensor pre = at::empty({batch, kGates * hidden}, acc_options);
+  at::Tensor m = at::empty({batch, hidden}, acc_options);
+  at::Tensor projected = at::empty({batch, proj}, acc_options);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lstm_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Weight = cpu::TransposedWeight<acc_t>;
+    const Weight projection =
+        w_hr_operand.defined() ? Weight::of(w_hr_operand, proj, hidden, steps) : Weight{nullptr, 0, 0, false};
+    LstmForward<scalar_t, acc_t> kernel{
+        steps, hidden, proj, Schedule::of(lens, steps, reverse), Rows<const scalar_t>::of(gx),
+        Weight::of(w_hh_operand, kGates * hidden, proj, steps), w_hr_operand.defined() ? &projection : nullptr,
+        Rows<scalar_t>::of(y),
+        gates.data_ptr<acc_t>(), cells.data_ptr<acc_t>(), c.data_ptr<acc_t>(), h.data_ptr<acc_t>(),
+        pre.data_ptr<acc_t>(), m.data_ptr<acc_t>(), projected.data_ptr<acc_t>()};
+    cpu::for_each_row_group(batch, [&](int64_t r0, int64_t r1) { kernel.run(r0, r1); });
+  });
+  return {y, h.to(dtype), c.to(dtype), gates, cells};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd_cpu(
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, const at::Tensor& c0,
+    const at::Tensor& gates_in, const at::Tensor& cells_in, const at::Tensor& grad_y_in,
+    const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const std::optional<at::Tensor>& lengths,
+    bool reverse) {
+  TORCH_CHECK(gates_in.dim() == 3 && gates_in.size(2) > 0 && gates_in.size(2) % kGates == 0,
+              "lstm_bwd: gates must have shape (B, T, 4H), got ", gates_in.sizes());
+  const int64_t batch = gates_in.size(0), steps = gates_in.size(1), hidden = gates_in.size(2) / kGates;
+  TORCH_CHECK(w_hh.dim() == 2, "lstm_bwd: w_hh must have shape (4H, P), got ", w_hh.sizes());
+  const int64_t proj = w_hh.size(1);
+  const auto acc = at::toOpMathType(w_hh.scalar_type());
+  cpu::check_tensor("lstm_bwd", "w_hh", w_hh, {kGates * hidden, proj}, w_hh.scalar_type());
+  if (w_hr.has_value()) cpu::check_tensor("lstm_bwd", "w_hr", *w_hr, {proj, hidden}, w_hh.scalar_type());
+  cpu::check_tensor("lstm_bwd", "gates", gates_in, {batch, steps, kGates * hidden}, acc);
+  cpu::check_tensor("lstm_bwd", "cells", cells_in, {batch, steps, hidden}, acc);
+  cpu::check_shape("lstm_bwd", "c0", c0, {batch, hidden});
+  cpu::check_shape("lstm_bwd", "grad_y", grad_y_in, {batch, steps, proj});
+  cpu::check_shape("lstm_bwd", "grad_h_n", grad_h_n, {batch, proj});
+  cpu::check_shape("lstm_bwd", "grad_c_n", grad_c_n, {batch, hidden});
+  const at::Tensor lens = cpu::checked_lengths("lstm_bwd", lengths, batch, steps);
+
+  const auto acc_options = gates_in.options();
+  const at::Tensor gates = gates_in.contiguous(), cells = cells_in.contiguous();
+  const at::Tensor grad_y = cpu::unit_last_stride(grad_y_in.to(acc));
+  const at::Tensor w_hh_acc = w_hh.to(acc).contiguous();
+  const at::Tensor w_hr_acc = w_hr.has_value() ? w_hr->to(acc).contiguous() : at::Tensor();
+  const at::Tensor c0_acc = c0.to(acc).contiguous(), grad_h_n_acc = grad_h_n.to(acc).contiguous();
+  at::Tensor d_gates = at::empty({batch, steps, kGates * hidden}, acc_options);
+  at::Tensor d_h = at::empty({batch, steps, proj}, acc_options);
+  at::Tensor grad_h0 = at::empty({batch, proj}, acc_options);
+  at::Tensor dc = grad_c_n.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  at::Tensor dh = at::empty({batch, proj}, acc_options);
+  at::Tensor dh_rec = at::empty({batch, proj}, acc_options);
+  at::Tensor dm = at::empty({batch, hidden}, acc_options);
+  at::Tensor d_pre = at::empty({batch, kGates * hidden}, acc_options);
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "lstm_bwd_cpu", [&] {
+    LstmBackward<scalar_t> kernel{
+        steps, hidden, proj, Schedule::of(lens, steps, reverse), w_hh_acc.data_ptr<scalar_t>(),
+        w_hr_acc.defined() ? w_hr_acc.data_ptr<scalar_t>() : nullptr, c0_acc.data_ptr<scalar_t>(),
+        gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(), Rows<const scalar_t>::of(grad_y),
+        grad_h_n_acc.data_ptr<scalar_t>(), d_gates.data_ptr<scalar_t>(), d_h.data_ptr<scalar_t>(),
+        grad_h0.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(),
+        dh_rec.data_ptr<scalar_t>(), dm.data_ptr<scalar_t>(), d_pre.data_ptr<scalar_t>()};
+    cpu::for_each_row_group(batch, [&](int64_t r0, int64_t r1) { kernel.run(r0, r1); });
+  });
+  return {d_gates, d_h, grad_h0, dc};
+}
+
+}  // namespace rnnkern
