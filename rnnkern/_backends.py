@@ -80,6 +80,20 @@ def compiled_kernel_reason(op: str, device: torch.device) -> Optional[str]:
     return None
 
 
+def kernel_support(compiled_kernel: str) -> SupportCheck:
+    """The support check most ops need: the triton backend has no float64, and the cpu and
+    cuda backends need rnnkern._C to hold `compiled_kernel` for the device."""
+
+    def supports(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        if backend == "triton" and dtype == torch.float64:
+            return "float64 is not supported (use the reference or cpu backend)"
+        if backend in ("cpu", "cuda"):
+            return compiled_kernel_reason(compiled_kernel, device)
+        return None
+
+    return supports
+
+
 def _why_not(name: str, device: torch.device, dtype: torch.dtype, supports: SupportCheck) -> Optional[str]:
     return unavailable_reason(name) or device_reason(name, device) or supports(name, device, dtype)
 

@@ -11,6 +11,7 @@
 #include <algorithm>
 
 #include "../ops.h"
+#include "recurrence.h"
 
 namespace rnnkern {
 namespace {
@@ -32,26 +33,11 @@ struct Sequences {
   int64_t length(int64_t n) const { return cu_seqlens ? cu_seqlens[n + 1] - cu_seqlens[n] : dense_length; }
 };
 
-// A (B, T, D) operand whose channel stride is 1.
-template <typename T>
-struct Rows {
-  T* data;
-  int64_t stride_batch;
-  int64_t stride_time;
-
-  static Rows of(const at::Tensor& x) {
-    return {x.data_ptr<std::remove_const_t<T>>(), x.stride(0), x.stride(1)};
-  }
-  T* at(int64_t batch, int64_t time) const { return data + batch * stride_batch + time * stride_time; }
-};
+using cpu::Rows;
 
 // Time index of the s-th step taken: steps run forward, or backward when `reverse`.
 inline int64_t time_of_step(int64_t s, int64_t length, bool reverse) {
   return reverse ? length - 1 - s : s;
-}
-
-at::Tensor unit_channel_stride(const at::Tensor& x) {
-  return x.stride(2) == 1 ? x : x.contiguous();
 }
 
 Sequences sequences_of(const at::Tensor& a, const at::Tensor& cu_seqlens_long) {
@@ -163,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> linear_scan_fwd_cpu(
     const at::Tensor& a_in, const at::Tensor& b_in, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& cu_seqlens, bool reverse) {
   TORCH_CHECK(a_in.dim() == 3 && a_in.sizes() == b_in.sizes(), "linear_scan_fwd: a, b must be (B, T, D)");
-  const at::Tensor a = unit_channel_stride(a_in), b = unit_channel_stride(b_in);
+  const at::Tensor a = cpu::unit_last_stride(a_in), b = cpu::unit_last_stride(b_in);
   const at::Tensor offsets = long_offsets(cu_seqlens);
   const Sequences seqs = sequences_of(a, offsets);
   check_state("initial_state", initial_state, a, seqs.count);
@@ -185,8 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd_cpu(
     const at::Tensor& a_in, const at::Tensor& h_in, const std::optional<at::Tensor>& initial_state,
     const at::Tensor& grad_h_in, const std::optional<at::Tensor>& grad_final,
     const std::optional<at::Tensor>& cu_seqlens, bool reverse) {
-  const at::Tensor a = unit_channel_stride(a_in), h = unit_channel_stride(h_in);
-  const at::Tensor grad_h = unit_channel_stride(grad_h_in);
+  const at::Tensor a = cpu::unit_last_stride(a_in), h = cpu::unit_last_stride(h_in);
+  const at::Tensor grad_h = cpu::unit_last_stride(grad_h_in);
   const at::Tensor offsets = long_offsets(cu_seqlens);
   const Sequences seqs = sequences_of(a, offsets);
   check_state("initial_state", initial_state, a, seqs.count);

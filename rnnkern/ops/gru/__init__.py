@@ -26,12 +26,7 @@ def _kernels(backend: str):
     return triton_kernels.gru_fwd, triton_kernels.gru_bwd
 
 
-def _supports(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    if backend == "triton" and dtype == torch.float64:
-        return "float64 is not supported (use the reference or cpu backend)"
-    if backend in ("cpu", "cuda"):
-        return _backends.compiled_kernel_reason("gru_fwd", device)
-    return None
+_supports = _backends.kernel_support("gru_fwd")
 
 
 # ---------------------------------------------------------------------------------------

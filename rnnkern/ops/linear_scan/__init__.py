@@ -93,12 +93,7 @@ _linear_scan_op.register_autograd(_backward, setup_context=_setup_context)
 # Public function.
 
 
-def _supports(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    if backend == "triton" and dtype == torch.float64:
-        return "float64 is not supported (use the reference or cpu backend)"
-    if backend in ("cpu", "cuda"):
-        return _backends.compiled_kernel_reason("linear_scan_fwd", device)
-    return None
+_supports = _backends.kernel_support("linear_scan_fwd")
 
 
 def linear_scan(

@@ -25,12 +25,7 @@ def _kernels(backend: str):
     return triton_kernels.lstm_fwd, triton_kernels.lstm_bwd
 
 
-def _supports(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    if backend == "triton" and dtype == torch.float64:
-        return "float64 is not supported (use the reference or cpu backend)"
-    if backend in ("cpu", "cuda"):
-        return _backends.compiled_kernel_reason("lstm_fwd", device)
-    return None
+_supports = _backends.kernel_support("lstm_fwd")
 
 
 # ---------------------------------------------------------------------------------------
