@@ -19,13 +19,14 @@ TORCH_LIBRARY(rnnkern_C, m) {
       "linear_scan_bwd(Tensor a, Tensor h, Tensor? initial_state, Tensor grad_h, "
       "Tensor? grad_final, Tensor? cu_seqlens, bool reverse) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "lstm_fwd(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse) "
+      "lstm_fwd(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
+      "bool training) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "lstm_bwd(Tensor w_hh, Tensor? w_hr, Tensor c0, Tensor gates, Tensor cells, Tensor grad_y, "
       "Tensor grad_h_n, Tensor grad_c_n, Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "gru_fwd(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse) "
+      "gru_fwd(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse, bool training) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "gru_bwd(Tensor w_hh, Tensor gates, Tensor ghn, Tensor h_prev, Tensor grad_y, Tensor grad_h_n, "

@@ -23,7 +23,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd_cpu(
 // rnnkern/ops/lstm/reference.py for the exact contract).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_cpu(
     const at::Tensor& gx, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse);
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
+    bool training);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd_cpu(
     const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, const at::Tensor& c0, const at::Tensor& gates,
@@ -33,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd_cpu(
 // GRU recurrence over gx = x W_ih^T + b_ih (B, T, 3H) (see rnnkern/ops/gru/reference.py).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd_cpu(
     const at::Tensor& gx, const at::Tensor& h0, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& lengths, bool reverse);
+    const std::optional<at::Tensor>& lengths, bool reverse, bool training);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd_cpu(
     const at::Tensor& w_hh, const at::Tensor& gates, const at::Tensor& ghn, const at::Tensor& h_prev,

@@ -28,8 +28,9 @@ struct GruForward {
   cpu::TransposedWeight<acc_t> w_hh;  // W_hh (3H, H)
   const acc_t* b_hh;        // (3H,), zeros when the layer has none
   Rows<scalar_t> y;         // (B, T, H)
-  acc_t* gates;             // (B, T, 3H) activated r, z, n
-  acc_t* ghn;               // (B, T, H) the n part of gh_t = h_{t-1} W_hh^T + b_hh
+  acc_t* gates;             // (B, T, 3H) activated r, z, n; (B, 1, 3H) scratch when not kept
+  acc_t* ghn;               // (B, T, H) the n part of gh_t = h_{t-1} W_hh^T + b_hh; or (B, 1, H)
+  bool keep;                // whether gates and ghn are kept for a backward
   acc_t* h;                 // (B, H) h_{t-1}, the GEMM operand (values of scalar_t)
   acc_t* gh;                // (B, 3H) h_{t-1} W_hh^T
 
@@ -44,8 +45,9 @@ struct GruForward {
 
   RNNKERN_VECTORIZED void cell_row(int64_t b, int64_t s) {
     const int64_t t = schedule.time(b, s), H = hidden;
-    acc_t* __restrict gate = gates + (b * steps + t) * kGates * H;
-    acc_t* __restrict ghn_row = ghn + (b * steps + t) * H;
+    const int64_t slot = keep ? b * steps + t : b;
+    acc_t* __restrict gate = gates + slot * kGates * H;
+    acc_t* __restrict ghn_row = ghn + slot * H;
     scalar_t* __restrict out = y.at(b, t);
     if (!schedule.active(b, s)) {  // past the sequence's end: zeros, the state kept
       std::fill_n(gate, kGates * H, acc_t(0));
@@ -145,7 +147,7 @@ struct GruBackward {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd_cpu(
     const at::Tensor& gx_in, const at::Tensor& h0, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& lengths, bool reverse) {
+    const std::optional<at::Tensor>& lengths, bool reverse, bool training) {
   TORCH_CHECK(gx_in.dim() == 3 && gx_in.size(2) > 0 && gx_in.size(2) % kGates == 0,
               "gru_fwd: gx must have shape (B, T, 3H), got ", gx_in.sizes());
   const at::Tensor gx = cpu::unit_last_stride(gx_in);
@@ -161,8 +163,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd_cpu(
   const at::Tensor w_hh_operand = cpu::weight_operand(w_hh, acc, steps);
   const at::Tensor bias = b_hh.has_value() ? b_hh->to(acc).contiguous() : at::zeros({kGates * hidden}, acc_options);
   at::Tensor y = at::empty({batch, steps, hidden}, gx.options());
-  at::Tensor gates = at::empty({batch, steps, kGates * hidden}, acc_options);
-  at::Tensor ghn = at::empty({batch, steps, hidden}, acc_options);
+  const int64_t kept_steps = training ? steps : 1;  // without a backward, one scratch slot per row
+  at::Tensor gates = at::empty({batch, kept_steps, kGates * hidden}, acc_options);
+  at::Tensor ghn = at::empty({batch, kept_steps, hidden}, acc_options);
   at::Tensor h = h0.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
   at::Tensor gh = at::empty({batch, kGates * hidden}, acc_options);
 
@@ -170,10 +173,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     GruForward<scalar_t, acc_t> kernel{
         steps, hidden, Schedule::of(lens, steps, reverse), Rows<const scalar_t>::of(gx),
-        cpu::TransposedWeight<acc_t>::of(w_hh_operand, kGates * hidden, hidden, steps), bias.data_ptr<acc_t>(), Rows<scalar_t>::of(y), gates.data_ptr<acc_t>(),
-        ghn.data_ptr<acc_t>(), h.data_ptr<acc_t>(), gh.data_ptr<acc_t>()};
+        cpu::TransposedWeight<acc_t>::of(w_hh_operand, kGates * hidden, hidden, steps), bias.data_ptr<acc_t>(),
+        Rows<scalar_t>::of(y), gates.data_ptr<acc_t>(), ghn.data_ptr<acc_t>(), training, h.data_ptr<acc_t>(),
+        gh.data_ptr<acc_t>()};
     cpu::for_each_row_group(batch, [&](int64_t r0, int64_t r1) { kernel.run(r0, r1); });
   });
+  if (!training) return {y, h.to(dtype), gates.new_empty({0}), ghn.new_empty({0})};
   return {y, h.to(dtype), gates, ghn};
 }
 

@@ -30,8 +30,9 @@ struct LstmForward {
   cpu::TransposedWeight<acc_t> w_hh;  // W_hh (4H, P)
   const cpu::TransposedWeight<acc_t>* w_hr;  // W_hr (P, H), or null
   Rows<scalar_t> y;         // (B, T, P)
-  acc_t* gates;             // (B, T, 4H) activated
-  acc_t* cells;             // (B, T, H)
+  acc_t* gates;             // (B, T, 4H) activated; (B, 1, 4H) scratch when not kept
+  acc_t* cells;             // (B, T, H); (B, 1, H) scratch when not kept
+  bool keep;                // whether gates and cells are kept for a backward
   acc_t* c;                 // (B, H) cell state
   acc_t* h;                 // (B, P) h_{t-1}, the GEMM operand (values of scalar_t)
   acc_t* pre;               // (B, 4H) h_{t-1} W_hh^T
@@ -55,8 +56,9 @@ struct LstmForward {
 
   RNNKERN_VECTORIZED void cell_row(int64_t b, int64_t s) {
     const int64_t t = schedule.time(b, s), H = hidden;
-    acc_t* __restrict gate = gates + (b * steps + t) * kGates * H;
-    acc_t* __restrict cell = cells + (b * steps + t) * H;
+    const int64_t slot = keep ? b * steps + t : b;
+    acc_t* __restrict gate = gates + slot * kGates * H;
+    acc_t* __restrict cell = cells + slot * H;
     acc_t* __restrict m_row = m + b * H;
     if (!schedule.active(b, s)) {  // past the sequence's end: zeros, the state kept
       std::fill_n(gate, kGates * H, acc_t(0));
@@ -199,7 +201,8 @@ struct LstmBackward {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_cpu(
     const at::Tensor& gx_in, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse) {
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
+    bool training) {
   TORCH_CHECK(gx_in.dim() == 3 && gx_in.size(2) > 0 && gx_in.size(2) % kGates == 0,
               "lstm_fwd: gx must have shape (B, T, 4H), got ", gx_in.sizes());
   const at::Tensor gx = cpu::unit_last_stride(gx_in);
@@ -217,8 +220,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_
   const at::Tensor w_hh_operand = cpu::weight_operand(w_hh, acc, steps);
   const at::Tensor w_hr_operand = w_hr.has_value() ? cpu::weight_operand(*w_hr, acc, steps) : at::Tensor();
   at::Tensor y = at::empty({batch, steps, proj}, gx.options());
-  at::Tensor gates = at::empty({batch, steps, kGates * hidden}, acc_options);
-  at::Tensor cells = at::empty({batch, steps, hidden}, acc_options);
+  const int64_t kept_steps = training ? steps : 1;  // without a backward, one scratch slot per row
+  at::Tensor gates = at::empty({batch, kept_steps, kGates * hidden}, acc_options);
+  at::Tensor cells = at::empty({batch, kept_steps, hidden}, acc_options);
   at::Tensor c = c0.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
   at::Tensor h = h0.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
   at::Tensor pre = at::empty({batch, kGates * hidden}, acc_options);
@@ -234,10 +238,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_
         steps, hidden, proj, Schedule::of(lens, steps, reverse), Rows<const scalar_t>::of(gx),
         Weight::of(w_hh_operand, kGates * hidden, proj, steps), w_hr_operand.defined() ? &projection : nullptr,
         Rows<scalar_t>::of(y),
-        gates.data_ptr<acc_t>(), cells.data_ptr<acc_t>(), c.data_ptr<acc_t>(), h.data_ptr<acc_t>(),
+        gates.data_ptr<acc_t>(), cells.data_ptr<acc_t>(), training, c.data_ptr<acc_t>(), h.data_ptr<acc_t>(),
         pre.data_ptr<acc_t>(), m.data_ptr<acc_t>(), projected.data_ptr<acc_t>()};
     cpu::for_each_row_group(batch, [&](int64_t r0, int64_t r1) { kernel.run(r0, r1); });
   });
+  if (!training) return {y, h.to(dtype), c.to(dtype), gates.new_empty({0}), cells.new_empty({0})};
   return {y, h.to(dtype), c.to(dtype), gates, cells};
 }
 

@@ -39,10 +39,7 @@ def _gru_op(
     training: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     forward, _ = _kernels(backend)
-    y, h_n, gates, ghn = forward(gx, h0, w_hh, b_hh, lengths, reverse)
-    if not training:  # nothing to keep for a backward
-        gates, ghn = gates.new_empty(0), ghn.new_empty(0)
-    return y, h_n, gates, ghn
+    return forward(gx, h0, w_hh, b_hh, lengths, reverse, training)
 
 
 @_gru_op.register_fake

@@ -31,9 +31,11 @@ def gru_fwd(
     b_hh: Optional[Tensor],  # (3H,)
     lengths: Optional[Tensor],  # (B,) int64
     reverse: bool,
+    training: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns y (B, T, H) and h_n (B, H) in the input dtype, and the activated gates
-    (B, T, 3H: r, z, n) and gh_n (B, T, H) in the state dtype, for the backward."""
+    (B, T, 3H: r, z, n) and gh_n (B, T, H) in the state dtype, for the backward (empty
+    tensors when not `training`)."""
     batch, steps, _ = gx.shape
     acc = state_dtype(gx.dtype)
     lengths = lengths if lengths is not None else full_lengths(batch, steps, gx.device)
@@ -56,8 +58,12 @@ def gru_fwd(
         gates.append(torch.where(active, torch.cat([r, z, n], dim=1), 0))
         ghn.append(torch.where(active, gh_n, 0))
     y, gates, ghn = (torch.stack(x, dim=1) for x in (ys, gates, ghn))
+    if not training:
+        gates, ghn = gates.new_empty(0), ghn.new_empty(0)
+    elif reverse:
+        gates, ghn = flip_valid(gates, lengths), flip_valid(ghn, lengths)
     if reverse:
-        y, gates, ghn = (flip_valid(x, lengths) for x in (y, gates, ghn))
+        y = flip_valid(y, lengths)
     return y, h, gates, ghn
 
 

@@ -250,7 +250,14 @@ def choose_path(hidden: int) -> str:
     return "persistent" if padded(hidden) <= PERSISTENT_MAX else "alternating"
 
 
-def gru_fwd(gx, h0, w_hh, b_hh, lengths, reverse):
+def gru_fwd(gx, h0, w_hh, b_hh, lengths, reverse, training):
+    y, h_n, gates, ghn = _gru_fwd(gx, h0, w_hh, b_hh, lengths, reverse)
+    if not training:  # the kernels still write the workspace; nothing keeps it
+        gates, ghn = gates.new_empty(0), ghn.new_empty(0)
+    return y, h_n, gates, ghn
+
+
+def _gru_fwd(gx, h0, w_hh, b_hh, lengths, reverse):
     B, T, G = gx.shape
     H = G // 3
     gx, h0, w_hh = (t.contiguous() for t in (gx, h0, w_hh))

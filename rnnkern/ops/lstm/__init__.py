@@ -38,10 +38,7 @@ def _lstm_op(
     reverse: bool, training: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     forward, _ = _kernels(backend)
-    y, h_n, c_n, gates, cells = forward(gx, h0, c0, w_hh, w_hr, lengths, reverse)
-    if not training:  # nothing to keep for a backward
-        gates, cells = gates.new_empty(0), cells.new_empty(0)
-    return y, h_n, c_n, gates, cells
+    return forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, training)
 
 
 @_lstm_op.register_fake

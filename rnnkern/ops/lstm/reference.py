@@ -38,9 +38,11 @@ def lstm_fwd(
     w_hr: Optional[Tensor],  # (P, H)
     lengths: Optional[Tensor],  # (B,) int64
     reverse: bool,
+    training: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns y (B, T, P), h_n (B, P), c_n (B, H) in the input dtype, and the activated
-    gates (B, T, 4H) and cell states (B, T, H) in the state dtype, for the backward."""
+    gates (B, T, 4H) and cell states (B, T, H) in the state dtype, for the backward (empty
+    tensors when not `training`: nothing is kept)."""
     batch, steps, _ = gx.shape
     acc = state_dtype(gx.dtype)
     lengths = lengths if lengths is not None else full_lengths(batch, steps, gx.device)
@@ -61,8 +63,12 @@ def lstm_fwd(
         gates.append(torch.where(active, torch.cat([i, f, g, o], dim=1), 0))
         cells.append(torch.where(active, c_new, 0))
     y, gates, cells = (torch.stack(x, dim=1) for x in (ys, gates, cells))
+    if not training:
+        gates, cells = gates.new_empty(0), cells.new_empty(0)
+    elif reverse:
+        gates, cells = flip_valid(gates, lengths), flip_valid(cells, lengths)
     if reverse:
-        y, gates, cells = (flip_valid(x, lengths) for x in (y, gates, cells))
+        y = flip_valid(y, lengths)
     return y, h, c.to(gx.dtype), gates, cells
 
 

@@ -412,7 +412,14 @@ def alternating_grid(batch: int, columns: int) -> tuple[tuple[int, int], int]:
     return (triton.cdiv(batch, block_b), triton.cdiv(columns, BLOCK_N)), block_b
 
 
-def lstm_fwd(gx, h0, c0, w_hh, w_hr, lengths, reverse):
+def lstm_fwd(gx, h0, c0, w_hh, w_hr, lengths, reverse, training):
+    y, h_n, c_n, gates, cells = _lstm_fwd(gx, h0, c0, w_hh, w_hr, lengths, reverse)
+    if not training:  # the kernels still write the workspace; nothing keeps it
+        gates, cells = gates.new_empty(0), cells.new_empty(0)
+    return y, h_n, c_n, gates, cells
+
+
+def _lstm_fwd(gx, h0, c0, w_hh, w_hr, lengths, reverse):
     B, T, G = gx.shape
     H, P = G // 4, h0.shape[1]
     gx, h0, c0, w_hh = (t.contiguous() for t in (gx, h0, c0, w_hh))
