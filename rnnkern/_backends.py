@@ -73,6 +73,9 @@ def device_reason(name: str, device: torch.device) -> Optional[str]:
 def compiled_kernel_reason(op: str, device: torch.device) -> Optional[str]:
     """Why rnnkern._C has no kernel for `op` on `device`, or None if it has one."""
     key = "CUDA" if device.type == "cuda" else "CPU"
+    missing_extension = unavailable_reason("cpu")  # importing rnnkern._C registers its ops
+    if missing_extension is not None:
+        return missing_extension
     if not hasattr(torch.ops.rnnkern_C, op):
         return f"rnnkern._C has no {op} op (built from older sources? reinstall rnnkern)"
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"rnnkern_C::{op}", key):
