@@ -114,6 +114,16 @@ def select(
     `supports` adds the op's own reasons to refuse an input.
     """
     requested = requested or os.environ.get("RNNKERN_BACKEND") or None
+    return _select(op, device, dtype, supports, requested, triton_interpreted())
+
+
+# The answer depends only on its arguments (TRITON_INTERPRET among them, through
+# device_reason) and on what this process has loaded, so it is computed once per input kind.
+@functools.lru_cache(maxsize=512)
+def _select(
+    op: str, device: torch.device, dtype: torch.dtype, supports: SupportCheck, requested: Optional[str],
+    interpreted: bool,
+) -> str:
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"{op}: unknown backend {requested!r}; expected one of {BACKENDS}")

@@ -29,10 +29,7 @@ def same(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
 
 def state(name: str, x, ref: Tensor, shape: tuple, dtype: torch.dtype) -> None:
     """A carried state: `shape`, dtype of `ref` or `dtype`, on the device of `ref`."""
-    doc = "(" + ", ".join(str(s) for s in shape) + ")"
-    tensor(name, x, len(shape), doc)
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {doc}, got {tuple(x.shape)}")
+    _exact_shape(name, x, shape)
     if x.dtype not in (ref.dtype, dtype):
         allowed = str(ref.dtype) if ref.dtype == dtype else f"{ref.dtype} or {dtype}"
         raise TypeError(f"{name} must be {allowed}, got {x.dtype}")
@@ -63,10 +60,7 @@ def cu_seqlens(cu: Tensor, x: Tensor, total: int) -> int:
 
 def parameter(name: str, x, shape: tuple, ref: Tensor) -> None:
     """A weight or bias: exactly `shape`, with the dtype and device of `ref` (the input)."""
-    doc = "(" + ", ".join(str(s) for s in shape) + ")"
-    tensor(name, x, len(shape), doc)
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {doc}, got {tuple(x.shape)}")
+    _exact_shape(name, x, shape)
     if x.dtype != ref.dtype:
         raise TypeError(f"{name} must have the input's dtype ({ref.dtype}), got {x.dtype}")
     if x.device != ref.device:
@@ -86,3 +80,12 @@ def lengths(lengths, batch: int, steps: int, device: torch.device) -> Tensor:
         if low < 0 or high > steps:
             raise ValueError(f"lengths must lie in [0, T={steps}], got values in [{low}, {high}]")
     return lengths.to(device=device, dtype=torch.int64)
+
+
+def _exact_shape(name: str, x, shape: tuple) -> None:
+    """`x` is a tensor of exactly `shape` (the message is only built for an error)."""
+    if isinstance(x, Tensor) and tuple(x.shape) == tuple(shape):
+        return
+    doc = "(" + ", ".join(str(s) for s in shape) + ")"
+    tensor(name, x, len(shape), doc)
+    raise ValueError(f"{name} must have shape {doc}, got {tuple(x.shape)}")
