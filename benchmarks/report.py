@@ -93,6 +93,12 @@ IDENTITY_COLUMNS = ("op", "backend", "dir", "shape", "dtype")
 
 # A suite's metric columns: (header, record -> cell text).
 Columns = list[tuple[str, Callable[[dict[str, Any]], str]]]
+TIMING_COLUMNS: Columns = [
+    ("median ms", lambda r: f"{r['ms_median']:.4g}"),
+    ("min ms", lambda r: f"{r['ms_min']:.4g}"),
+    ("IQR ms", lambda r: f"{r['ms_q3'] - r['ms_q1']:.2g}"),
+]
+PEAK_MEMORY_COLUMN = ("peak MiB", lambda r: f"{r['peak_mem_bytes'] / 2**20:.1f}")
 
 
 def table(records: list[dict[str, Any]], columns: Columns, legend: str) -> str:

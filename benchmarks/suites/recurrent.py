@@ -16,16 +16,14 @@ import torch
 import rnnkern
 import rnnkern.nn
 from benchmarks import memory
-from benchmarks.report import progress
+from benchmarks.report import PEAK_MEMORY_COLUMN, TIMING_COLUMNS, progress
 from benchmarks.timing import Settings, measure
 
 SECTION = "kernels"
 COLUMNS = [
-    ("median ms", lambda r: f"{r['ms_median']:.4g}"),
-    ("min ms", lambda r: f"{r['ms_min']:.4g}"),
-    ("IQR ms", lambda r: f"{r['ms_q3'] - r['ms_q1']:.2g}"),
+    *TIMING_COLUMNS,
     ("vs torch.nn", lambda r: f"{r['speedup_vs_torch']:.2f}"),
-    ("peak MiB", lambda r: f"{r['peak_mem_bytes'] / 2**20:.1f}"),
+    PEAK_MEMORY_COLUMN,
 ]
 LEGEND = "vs torch.nn: torch.nn's median / this median (above 1: rnnkern is faster)"
 

@@ -31,18 +31,16 @@ import torch
 
 import rnnkern
 from benchmarks import memory
-from benchmarks.report import progress
+from benchmarks.report import PEAK_MEMORY_COLUMN, TIMING_COLUMNS, progress
 from benchmarks.timing import Settings, Setup, Timing, measure
 
 SECTION = "kernels"
 COLUMNS = [
-    ("median ms", lambda r: f"{r['ms_median']:.4g}"),
-    ("min ms", lambda r: f"{r['ms_min']:.4g}"),
-    ("IQR ms", lambda r: f"{r['ms_q3'] - r['ms_q1']:.2g}"),
+    *TIMING_COLUMNS,
     ("x add", lambda r: f"{r['ratio_vs_add']:.2f}"),
     ("vs loop", lambda r: f"{r['speedup_vs_loop']:.2f}"),
     ("GB/s", lambda r: f"{r['gbps']:.1f}"),
-    ("peak MiB", lambda r: f"{r['peak_mem_bytes'] / 2**20:.1f}"),
+    PEAK_MEMORY_COLUMN,
 ]
 LEGEND = (
     "x add: median / median of the memory-traffic floor (fwd: torch.add; bwd: torch.addcmul, which moves 4 of "
