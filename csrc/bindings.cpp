@@ -31,6 +31,9 @@ TORCH_LIBRARY(rnnkern_C, m) {
   m.def(
       "gru_bwd(Tensor w_hh, Tensor gates, Tensor ghn, Tensor h_prev, Tensor grad_y, Tensor grad_h_n, "
       "Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor)");
+  m.def("lstm_step(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) "
+        "-> (Tensor, Tensor)");
+  m.def("gru_step(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rnnkern_C, CPU, m) {
@@ -40,4 +43,6 @@ TORCH_LIBRARY_IMPL(rnnkern_C, CPU, m) {
   m.impl("lstm_bwd", &rnnkern::lstm_bwd_cpu);
   m.impl("gru_fwd", &rnnkern::gru_fwd_cpu);
   m.impl("gru_bwd", &rnnkern::gru_bwd_cpu);
+  m.impl("lstm_step", &rnnkern::lstm_step_cpu);
+  m.impl("gru_step", &rnnkern::gru_step_cpu);
 }

@@ -40,4 +40,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd_cpu(
     const at::Tensor& w_hh, const at::Tensor& gates, const at::Tensor& ghn, const at::Tensor& h_prev,
     const at::Tensor& grad_y, const at::Tensor& grad_h_n, const std::optional<at::Tensor>& lengths, bool reverse);
 
+// One-token steps for fp32/fp64 without autograd, the weights used in place: returns (h', c')
+// for the LSTM (no projection), h' for the GRU; biases optional.
+std::tuple<at::Tensor, at::Tensor> lstm_step_cpu(
+    const at::Tensor& x, const at::Tensor& h, const at::Tensor& c, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh);
+
+at::Tensor gru_step_cpu(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh);
+
 }  // namespace rnnkern

@@ -171,6 +171,8 @@ class _Recurrent(nn.Module):
                 outputs.append(y)
                 finals.append(final)
             x = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
+        if len(finals) == 1:  # one layer, one direction: a view instead of a copy
+            return x, tuple(state.unsqueeze(0) for state in finals[0])
         return x, tuple(torch.stack(parts) for parts in zip(*finals))
 
     def _weights(self, index: int) -> dict[str, Tensor]:

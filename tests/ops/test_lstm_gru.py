@@ -304,3 +304,57 @@ def test_triton_paths_match_reference(kind, device, backend, dtype, path, monkey
     x, states, weights, opts = case_inputs(kind, config, dtype, device)
     assert_all_close(outputs_and_grads(kind, x, states, weights, backend=backend, **opts),
                      outputs_and_grads(kind, x, states, weights, backend="reference", **opts), dtype)
+
+
+# --- the cpu backend's one-token step kernels ---------------------------------------------
+
+CPU = [p for p in ALL_BACKENDS if p.values[2] == "cpu"]
+
+
+def _ran_step_kernel(kind, run) -> bool:
+    with torch.autograd.profiler.profile() as prof:
+        run()
+    return any(event.name == f"rnnkern_C::{kind.name}_step" for event in prof.function_events)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("kind,device,backend", CPU)
+def test_one_token_step_kernel_matches_reference(kind, device, backend, bias, dtype, batch):
+    """T = 1 without autograd takes the step kernel up to its batch limit (H = 130: not a
+    multiple of the 4-row blocks or of the thread split), and above it the sequence kernel."""
+    gen = torch.Generator().manual_seed(batch)
+    weights = random_weights(kind, 7, 130, 0, dtype, device, gen, bias=bias)
+    x = torch.randn((batch, 1, 7), generator=gen, dtype=torch.float64).to(device, dtype)
+    states = kind.states(batch, 130, 0, dtype, device, gen)
+    with torch.no_grad():
+        got = kind.layer(x, states, weights, backend=backend)
+        want = kind.layer(x, states, weights, backend="reference")
+        took_step_kernel = _ran_step_kernel(kind, lambda: kind.layer(x, states, weights, backend=backend))
+    assert took_step_kernel == (batch <= 16)
+    for name, g, w in zip(["y", "h", "c"], got, want):
+        assert_close(g, w, dtype, name)
+    assert got[0].data_ptr() != got[1].data_ptr(), "y must not alias h_T"
+
+
+@pytest.mark.parametrize("kind,device,backend", CPU)
+def test_one_token_step_with_autograd_takes_the_sequence_kernel(kind, device, backend):
+    gen = torch.Generator().manual_seed(0)
+    weights = [w.requires_grad_() for w in random_weights(kind, 3, 5, 0, torch.float32, device, gen)]
+    x = torch.randn((2, 1, 3), generator=gen)
+    states = kind.states(2, 5, 0, torch.float32, device, gen)
+    assert not _ran_step_kernel(kind, lambda: kind.layer(x, states, weights, backend=backend))
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=kind_id)
+def test_step_kernel_rejects_bad_input(kind):
+    import rnnkern._C  # noqa: F401  (registers the rnnkern_C ops)
+
+    gates = kind.gates * 4
+    args = [torch.randn(2, 3), torch.zeros(2, 4)] + ([torch.zeros(2, 4)] if kind is LSTM else [])
+    step = getattr(torch.ops.rnnkern_C, f"{kind.name}_step")
+    with pytest.raises(RuntimeError, match=r"w_hh must have shape \[%d, 4\], got \[%d, 5\]" % (gates, gates)):
+        step(*args, torch.randn(gates, 3), torch.randn(gates, 5), None, None)
+    with pytest.raises(RuntimeError, match=r"x must be float32 or float64, got BFloat16"):
+        step(args[0].bfloat16(), *args[1:], torch.randn(gates, 3), torch.randn(gates, 4), None, None)

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from rnnkern import _backends
 from rnnkern.ops import _checks
-from rnnkern.ops._sequences import previous_states
+from rnnkern.ops._sequences import previous_states, takes_step_kernel
 from rnnkern.ops.gru import reference
 from rnnkern.ops.lstm import _weight_grad, _zeros_if_none
 from rnnkern.ops.lstm.reference import state_dtype
@@ -136,9 +136,12 @@ def gru_layer(
     """
     h0, lengths = _validate(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
     name = _backends.select("gru_layer", x.device, x.dtype, _supports, backend)
-    gx = F.linear(x, w_ih, b_ih)  # (B, T, 3H)
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, w_ih, w_hh, b_ih, b_hh))
+    if takes_step_kernel(name, x, lengths, training):
+        h_n = torch.ops.rnnkern_C.gru_step(x[:, 0], h0, w_ih, w_hh, b_ih, b_hh)  # (B, H)
+        return h_n[:, None].clone(), h_n
+    gx = F.linear(x, w_ih, b_ih)  # (B, T, 3H)
     y, h_n, _, _ = _gru_op(gx, h0, w_hh, b_hh, lengths, reverse, training, name)
     return y, h_n
 

@@ -1,0 +1,227 @@
+// One-token LSTM and GRU steps (decoding, streaming) for fp32/fp64 without autograd: the
+// same math as one step of lstm_fwd/gru_fwd, with nothing prepared per call. The weights stay
+// as torch.nn stores them, (gates * H, K) row-major, so a gate block's rows for a range of
+// units are contiguous and are read in place: no transposed copy, no concatenation of W_ih
+// and W_hh, no summed bias. The hidden units split between threads; each thread multiplies
+// its units' gate rows and then runs the pointwise update of those units.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "../ops.h"
+#include "recurrence.h"
+
+namespace rnnkern {
+namespace {
+
+// Units per thread below which splitting further costs more than it saves.
+constexpr int64_t kMinUnitsPerThread = 64;
+
+// out (B, n) with row stride ldo = bias[rows] + v (B, k) @ W[rows]^T for the rows [row0,
+// row0 + n) of a weight W (., k), or without the bias when it is null: dot products, four
+// weight rows at a time (four independent sums hide the FMA latency), each block of rows
+// used for every batch row while it sits in L1. (BLAS is not reachable from an extension
+// without a tensor per call, which costs more than the product at these sizes.)
+template <typename T>
+RNNKERN_VECTORIZED void project_rows(const T* __restrict w, int64_t k, int64_t row0, int64_t n,
+                                     const T* __restrict bias, const T* __restrict v, int64_t batch,
+                                     T* __restrict out, int64_t ldo) {
+  constexpr int64_t kRows = 4;
+  int64_t i = 0;
+  for (; i + kRows <= n; i += kRows) {
+    const T* __restrict w0 = w + (row0 + i) * k;
+    const T *__restrict w1 = w0 + k, *__restrict w2 = w1 + k, *__restrict w3 = w2 + k;
+    int64_t b = 0;
+    for (; b + 2 <= batch; b += 2) {  // two batch rows per pass: 6 loads per 8 FMAs
+      const T *__restrict v0 = v + b * k, *__restrict v1 = v0 + k;
+      T s00 = 0, s01 = 0, s10 = 0, s11 = 0, s20 = 0, s21 = 0, s30 = 0, s31 = 0;
+#pragma omp simd reduction(+ : s00, s01, s10, s11, s20, s21, s30, s31)
+      for (int64_t kk = 0; kk < k; ++kk) {
+        s00 += w0[kk] * v0[kk];
+        s01 += w0[kk] * v1[kk];
+        s10 += w1[kk] * v0[kk];
+        s11 += w1[kk] * v1[kk];
+        s20 += w2[kk] * v0[kk];
+        s21 += w2[kk] * v1[kk];
+        s30 += w3[kk] * v0[kk];
+        s31 += w3[kk] * v1[kk];
+      }
+      T* __restrict o0 = out + b * ldo + i;
+      T* __restrict o1 = o0 + ldo;
+      o0[0] = s00, o0[1] = s10, o0[2] = s20, o0[3] = s30;
+      o1[0] = s01, o1[1] = s11, o1[2] = s21, o1[3] = s31;
+    }
+    for (; b < batch; ++b) {
+      const T* __restrict v_row = v + b * k;
+      T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t kk = 0; kk < k; ++kk) {
+        s0 += w0[kk] * v_row[kk];
+        s1 += w1[kk] * v_row[kk];
+        s2 += w2[kk] * v_row[kk];
+        s3 += w3[kk] * v_row[kk];
+      }
+      T* __restrict o = out + b * ldo + i;
+      o[0] = s0, o[1] = s1, o[2] = s2, o[3] = s3;
+    }
+  }
+  for (; i < n; ++i) {
+    const T* __restrict w_row = w + (row0 + i) * k;
+    for (int64_t b = 0; b < batch; ++b) {
+      const T* __restrict v_row = v + b * k;
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t kk = 0; kk < k; ++kk) sum += w_row[kk] * v_row[kk];
+      out[b * ldo + i] = sum;
+    }
+  }
+  if (bias) {
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t j = 0; j < n; ++j) out[b * ldo + j] += bias[row0 + j];
+    }
+  }
+}
+
+template <typename T>
+const T* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+void check_step_inputs(const char* op, const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
+                       const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                       const std::optional<at::Tensor>& b_hh, int64_t gates) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must have shape (B, I), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64, got ", x.scalar_type());
+  const int64_t batch = x.size(0), hidden = h.dim() == 2 ? h.size(1) : -1;
+  const auto dtype = x.scalar_type();
+  cpu::check_tensor(op, "h", h, {batch, hidden}, dtype);
+  cpu::check_tensor(op, "w_ih", w_ih, {gates * hidden, x.size(1)}, dtype);
+  cpu::check_tensor(op, "w_hh", w_hh, {gates * hidden, hidden}, dtype);
+  if (b_ih.has_value()) cpu::check_tensor(op, "b_ih", *b_ih, {gates * hidden}, dtype);
+  if (b_hh.has_value()) cpu::check_tensor(op, "b_hh", *b_hh, {gates * hidden}, dtype);
+}
+
+// Units [j0, j1) of every row: their gate pre-activations, then the cell update.
+template <typename T>
+struct LstmStep {
+  int64_t batch, input, hidden;
+  const T *x, *h, *c, *w_ih, *w_hh, *b_ih, *b_hh;  // x (B, I), h and c (B, H), weights (4H, .)
+  T *gi, *gh;                                       // (B, 4H) scratch
+  T *h_out, *c_out;                                 // (B, H)
+
+  void operator()(int64_t j0, int64_t j1) const {
+    const int64_t n = j1 - j0, width = 4 * hidden;
+    for (int64_t q = 0; q < 4; ++q) {
+      const int64_t row0 = q * hidden + j0;
+      project_rows(w_ih, input, row0, n, b_ih, x, batch, gi + row0, width);
+      project_rows(w_hh, hidden, row0, n, b_hh, h, batch, gh + row0, width);
+    }
+    for (int64_t b = 0; b < batch; ++b) cell_row(b, j0, j1);
+  }
+
+  RNNKERN_VECTORIZED void cell_row(int64_t b, int64_t j0, int64_t j1) const {
+    const int64_t H = hidden;
+    const T* __restrict a = gi + b * 4 * H;
+    const T* __restrict p = gh + b * 4 * H;
+    const T* __restrict c_row = c + b * H;
+    T* __restrict h_new = h_out + b * H;
+    T* __restrict c_new = c_out + b * H;
+#pragma omp simd
+    for (int64_t j = j0; j < j1; ++j) {
+      const T i = cpu::sigmoid(a[j] + p[j]);
+      const T f = cpu::sigmoid(a[H + j] + p[H + j]);
+      const T g = cpu::tanh(a[2 * H + j] + p[2 * H + j]);
+      const T o = cpu::sigmoid(a[3 * H + j] + p[3 * H + j]);
+      c_new[j] = f * c_row[j] + i * g;
+      h_new[j] = o * cpu::tanh(c_new[j]);
+    }
+  }
+};
+
+template <typename T>
+struct GruStep {
+  int64_t batch, input, hidden;
+  const T *x, *h, *w_ih, *w_hh, *b_ih, *b_hh;  // x (B, I), h (B, H), weights (3H, .)
+  T *gi, *gh;                                   // (B, 3H) scratch
+  T* h_out;                                     // (B, H)
+
+  void operator()(int64_t j0, int64_t j1) const {
+    const int64_t n = j1 - j0, width = 3 * hidden;
+    for (int64_t q = 0; q < 3; ++q) {
+      const int64_t row0 = q * hidden + j0;
+      project_rows(w_ih, input, row0, n, b_ih, x, batch, gi + row0, width);
+      project_rows(w_hh, hidden, row0, n, b_hh, h, batch, gh + row0, width);
+    }
+    for (int64_t b = 0; b < batch; ++b) cell_row(b, j0, j1);
+  }
+
+  RNNKERN_VECTORIZED void cell_row(int64_t b, int64_t j0, int64_t j1) const {
+    const int64_t H = hidden;
+    const T* __restrict a = gi + b * 3 * H;
+    const T* __restrict p = gh + b * 3 * H;
+    const T* __restrict h_row = h + b * H;
+    T* __restrict h_new = h_out + b * H;
+#pragma omp simd
+    for (int64_t j = j0; j < j1; ++j) {
+      const T r = cpu::sigmoid(a[j] + p[j]);
+      const T z = cpu::sigmoid(a[H + j] + p[H + j]);
+      const T n = cpu::tanh(a[2 * H + j] + r * p[2 * H + j]);
+      h_new[j] = (1 - z) * n + z * h_row[j];
+    }
+  }
+};
+
+at::Tensor contiguous(const at::Tensor& t) { return t.contiguous(); }
+
+std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lstm_step_cpu(
+    const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& c_in, const at::Tensor& w_ih_in,
+    const at::Tensor& w_hh_in, const std::optional<at::Tensor>& b_ih_in, const std::optional<at::Tensor>& b_hh_in) {
+  check_step_inputs("lstm_step", x_in, h_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, 4);
+  cpu::check_tensor("lstm_step", "c", c_in, h_in.sizes(), x_in.scalar_type());
+  const at::Tensor x = contiguous(x_in), h = contiguous(h_in), c = contiguous(c_in);
+  const at::Tensor w_ih = contiguous(w_ih_in), w_hh = contiguous(w_hh_in);
+  const auto b_ih = contiguous(b_ih_in), b_hh = contiguous(b_hh_in);
+  const int64_t batch = x.size(0), input = x.size(1), hidden = h.size(1);
+  at::Tensor gi = at::empty({batch, 4 * hidden}, x.options()), gh = at::empty_like(gi);
+  at::Tensor h_out = at::empty_like(h), c_out = at::empty_like(c);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_step_cpu", [&] {
+    const LstmStep<scalar_t> step{
+        batch, input, hidden, x.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
+        w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), data_or_null<scalar_t>(b_ih),
+        data_or_null<scalar_t>(b_hh), gi.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(),
+        h_out.data_ptr<scalar_t>(), c_out.data_ptr<scalar_t>()};
+    at::parallel_for(0, hidden, kMinUnitsPerThread, step);
+  });
+  return {h_out, c_out};
+}
+
+at::Tensor gru_step_cpu(const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& w_ih_in,
+                        const at::Tensor& w_hh_in, const std::optional<at::Tensor>& b_ih_in,
+                        const std::optional<at::Tensor>& b_hh_in) {
+  check_step_inputs("gru_step", x_in, h_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, 3);
+  const at::Tensor x = contiguous(x_in), h = contiguous(h_in);
+  const at::Tensor w_ih = contiguous(w_ih_in), w_hh = contiguous(w_hh_in);
+  const auto b_ih = contiguous(b_ih_in), b_hh = contiguous(b_hh_in);
+  const int64_t batch = x.size(0), input = x.size(1), hidden = h.size(1);
+  at::Tensor gi = at::empty({batch, 3 * hidden}, x.options()), gh = at::empty_like(gi);
+  at::Tensor h_out = at::empty_like(h);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_step_cpu", [&] {
+    const GruStep<scalar_t> step{
+        batch, input, hidden, x.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(),
+        w_hh.data_ptr<scalar_t>(), data_or_null<scalar_t>(b_ih), data_or_null<scalar_t>(b_hh),
+        gi.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), h_out.data_ptr<scalar_t>()};
+    at::parallel_for(0, hidden, kMinUnitsPerThread, step);
+  });
+  return h_out;
+}
+
+}  // namespace rnnkern
