@@ -1,5 +1,7 @@
 """lstm_layer / gru_layer and their cells: every backend against the reference, the
 reference against torch.nn in fp64."""
+import importlib
+
 import pytest
 import torch
 
@@ -219,14 +221,32 @@ def test_compile_fullgraph_forward_and_backward(kind, device, backend):
         assert_close(traced.grad, eager.grad, torch.float32, "gradient")
 
 
-@pytest.mark.parametrize("kind", KINDS, ids=kind_id)
-def test_inference_keeps_no_workspace_and_matches_training(kind):
-    x, states, weights, opts = case_inputs(kind, CONFIGS["B4-T6-I3-H5-lengths-reverse"], torch.float32, "cpu")
+WORKSPACE_PATHS = [
+    pytest.param(*p.values, path, id=f"{p.id}-{path}" if path else p.id, marks=p.marks)
+    for p in ALL_BACKENDS for path in (["persistent", "alternating"] if p.values[2] == "triton" else [None])
+]
+
+
+@pytest.mark.parametrize("kind,device,backend,path", WORKSPACE_PATHS)
+def test_inference_keeps_no_workspace_and_matches_training(kind, device, backend, path, monkeypatch):
+    if path:
+        monkeypatch.setattr(importlib.import_module(f"rnnkern.ops.{kind.name}.triton"), "FORCE_PATH", path)
+    x, states, weights, opts = case_inputs(kind, CONFIGS["B4-T6-I3-H5-lengths-reverse"], torch.float32, device)
     with torch.no_grad():
-        inference = kind.layer(x, states, weights, **opts)
-    training = kind.layer(x, states, [w.requires_grad_() for w in weights], **opts)
+        inference = kind.layer(x, states, weights, backend=backend, **opts)
+    training = kind.layer(x, states, [w.requires_grad_() for w in weights], backend=backend, **opts)
     for name, got, want in zip(["y", "h", "c"], inference, training):
         assert_close(got, want, torch.float32, name)
+    # the forward kernel itself: the backward's workspace (last two outputs) only when training
+    forward, _ = importlib.import_module(f"rnnkern.ops.{kind.name}")._kernels(backend)
+    gx = torch.randn((4, 6, kind.gates * 5), device=device)
+    w_hh = weights[1].detach()
+    args = [gx, *states, w_hh, None] if kind is LSTM else [gx, states[0], w_hh, weights[3].detach()]
+    args += [opts["lengths"], opts["reverse"]]
+    for training in (False, True):
+        *_, first, second = forward(*args, training)
+        expected_rows = 4 if training else 0
+        assert first.shape[0] == expected_rows and second.shape[0] == expected_rows
 
 
 # --- bad input ---------------------------------------------------------------------------
@@ -297,8 +317,6 @@ TRITON = [p for p in ALL_BACKENDS if p.values[2] == "triton"]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("kind,device,backend", TRITON)
 def test_triton_paths_match_reference(kind, device, backend, dtype, path, monkeypatch):
-    import importlib
-
     monkeypatch.setattr(importlib.import_module(f"rnnkern.ops.{kind.name}.triton"), "FORCE_PATH", path)
     config = (3, 5, 4, 20, 17 if kind is LSTM else 0, [5, 0, 3], True)  # H, P not powers of two
     x, states, weights, opts = case_inputs(kind, config, dtype, device)

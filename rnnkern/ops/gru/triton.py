@@ -79,7 +79,8 @@ def _bias(b_hh_ptr, offs, mask, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr):
 def _gru_fwd_persistent_kernel(
     gx_ptr, h0_ptr, w_hh_ptr, b_hh_ptr, lengths_ptr, y_ptr, h_n_ptr, gates_ptr, ghn_ptr,
     B, T, H,
-    HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, KEEP: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
     offs_h = tl.arange(0, BLOCK_H)
@@ -106,8 +107,10 @@ def _gru_fwd_persistent_kernel(
         r, z, n, h_new = _gru_cell(gx_r, gx_z, gx_n, _dot(h, w_r, b_r), _dot(h, w_z, b_z), gh_n,
                                    h.to(tl.float32))
         h_new = _to(h_new, h.dtype)
-        _store3(gates_ptr + gate_offs, H, r, z, n, active, mask)
-        tl.store(ghn_ptr + rows[:, None] * H + offs_h[None, :], tl.where(active[:, None], gh_n, 0.0), mask=mask)
+        if KEEP:  # the backward's workspace
+            _store3(gates_ptr + gate_offs, H, r, z, n, active, mask)
+            tl.store(ghn_ptr + rows[:, None] * H + offs_h[None, :], tl.where(active[:, None], gh_n, 0.0),
+                     mask=mask)
         tl.store(y_ptr + rows[:, None] * H + offs_h[None, :], tl.where(active[:, None], h_new, 0.0).to(h.dtype),
                  mask=mask)
         h = tl.where(active[:, None], h_new, h)
@@ -163,7 +166,7 @@ def _gru_bwd_persistent_kernel(
 def _gru_fwd_step_kernel(
     gx_ptr, h_in_ptr, h_out_ptr, w_hh_ptr, b_hh_ptr, lengths_ptr, y_ptr, gates_ptr, ghn_ptr,
     step, B, T, H,
-    HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, KEEP: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
@@ -186,8 +189,9 @@ def _gru_fwd_step_kernel(
     state = offs_b[:, None] * H + offs_h[None, :]
     h_prev = tl.load(h_in_ptr + state, mask=mask, other=0.0).to(tl.float32)
     r, z, n, h = _gru_cell(gx_r, gx_z, gx_n, gh_r, gh_z, gh_n, h_prev)
-    _store3(gates_ptr + gate_offs, H, r, z, n, active, mask)
-    tl.store(ghn_ptr + rows[:, None] * H + offs_h[None, :], tl.where(active[:, None], gh_n, 0.0), mask=mask)
+    if KEEP:  # the backward's workspace
+        _store3(gates_ptr + gate_offs, H, r, z, n, active, mask)
+        tl.store(ghn_ptr + rows[:, None] * H + offs_h[None, :], tl.where(active[:, None], gh_n, 0.0), mask=mask)
     _emit(h, active, state, h_in_ptr, h_out_ptr, y_ptr, rows[:, None] * H + offs_h[None, :], mask)
 
 
@@ -251,26 +255,21 @@ def choose_path(hidden: int) -> str:
 
 
 def gru_fwd(gx, h0, w_hh, b_hh, lengths, reverse, training):
-    y, h_n, gates, ghn = _gru_fwd(gx, h0, w_hh, b_hh, lengths, reverse)
-    if not training:  # the kernels still write the workspace; nothing keeps it
-        gates, ghn = gates.new_empty(0), ghn.new_empty(0)
-    return y, h_n, gates, ghn
-
-
-def _gru_fwd(gx, h0, w_hh, b_hh, lengths, reverse):
+    """Without `training` the kernels store no workspace: gates and ghn come back empty."""
     B, T, G = gx.shape
     H = G // 3
     gx, h0, w_hh = (t.contiguous() for t in (gx, h0, w_hh))
     b_hh = b_hh.contiguous() if b_hh is not None else None
     lengths = full_lengths(B, T, gx.device) if lengths is None else lengths.contiguous()
     y = gx.new_empty((B, T, H))
-    gates = gx.new_empty((B, T, G), dtype=torch.float32)
-    ghn = gx.new_empty((B, T, H), dtype=torch.float32)
+    gates = gx.new_empty((B, T, G) if training else (0,), dtype=torch.float32)
+    ghn = gx.new_empty((B, T, H) if training else (0,), dtype=torch.float32)
     if choose_path(H) == "persistent":
         h_n = torch.empty_like(h0)
         _gru_fwd_persistent_kernel[(triton.cdiv(B, BLOCK_B_PERSISTENT),)](
             gx, h0, w_hh, b_hh, lengths, y, h_n, gates, ghn, B, T, H,
-            HAS_BIAS=b_hh is not None, REVERSE=reverse, BLOCK_B=BLOCK_B_PERSISTENT, BLOCK_H=padded(H),
+            HAS_BIAS=b_hh is not None, REVERSE=reverse, KEEP=training, BLOCK_B=BLOCK_B_PERSISTENT,
+            BLOCK_H=padded(H),
         )
         return y, h_n, gates, ghn
     h = [h0.clone(), torch.empty_like(h0)]  # h ping-pongs between two buffers
@@ -278,7 +277,8 @@ def _gru_fwd(gx, h0, w_hh, b_hh, lengths, reverse):
     for step in range(T):
         _gru_fwd_step_kernel[grid](
             gx, h[step % 2], h[(step + 1) % 2], w_hh, b_hh, lengths, y, gates, ghn, step, B, T, H,
-            HAS_BIAS=b_hh is not None, REVERSE=reverse, BLOCK_B=block_b, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            HAS_BIAS=b_hh is not None, REVERSE=reverse, KEEP=training, BLOCK_B=block_b, BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
         )
     return y, h[T % 2], gates, ghn
 
@@ -307,9 +307,9 @@ def gru_bwd(w_hh, gates, ghn, h_prev, grad_y, grad_h_n, lengths, reverse):
 
 def aot_specs():
     """(kernel, argument types, constexprs) cases for the ahead-of-time compile check."""
-    cases = (("fp32", True, False, PERSISTENT_MAX, 32), ("bf16", True, True, PERSISTENT_MAX, 32),
-             ("fp16", False, True, 16, 16))
-    for dtype, bias, reverse, hidden, block_b in cases:
+    cases = (("fp32", True, False, PERSISTENT_MAX, 32, True), ("bf16", True, True, PERSISTENT_MAX, 32, False),
+             ("fp16", False, True, 16, 16, True))
+    for dtype, bias, reverse, hidden, block_b, keep in cases:
         x = f"*{dtype}"
         types = {
             "gx_ptr": x, "h0_ptr": x, "w_hh_ptr": x, "b_hh_ptr": x, "lengths_ptr": "*i64", "y_ptr": x,
@@ -319,8 +319,8 @@ def aot_specs():
         }
         persistent = dict(REVERSE=reverse, BLOCK_B=BLOCK_B_PERSISTENT, BLOCK_H=hidden)
         alternating = dict(REVERSE=reverse, BLOCK_B=block_b, BLOCK_N=BLOCK_N)
-        yield _gru_fwd_persistent_kernel, types, {**persistent, "HAS_BIAS": bias}
+        yield _gru_fwd_persistent_kernel, types, {**persistent, "HAS_BIAS": bias, "KEEP": keep}
         yield _gru_bwd_persistent_kernel, types, persistent
-        yield _gru_fwd_step_kernel, types, {**alternating, "HAS_BIAS": bias, "BLOCK_K": BLOCK_K}
+        yield _gru_fwd_step_kernel, types, {**alternating, "HAS_BIAS": bias, "KEEP": keep, "BLOCK_K": BLOCK_K}
         yield _gru_bwd_step_kernel, types, alternating
         yield _gru_bwd_hidden_kernel, types, {**alternating, "BLOCK_K": BLOCK_K}

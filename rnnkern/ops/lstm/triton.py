@@ -165,7 +165,7 @@ def _lstm_fwd_persistent_kernel(
     gx_ptr, h0_ptr, c0_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
     y_ptr, h_n_ptr, c_n_ptr, gates_ptr, cells_ptr,
     B, T, H, P,
-    HAS_PROJ: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_PROJ: tl.constexpr, REVERSE: tl.constexpr, KEEP: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
@@ -200,9 +200,10 @@ def _lstm_fwd_persistent_kernel(
             h_new = _to(_dot(_to(m, h.dtype), w_r, tl.zeros([BLOCK_B, BLOCK_P], dtype=tl.float32)), h.dtype)
         else:
             h_new = _to(m, h.dtype)
-        _store_gates(gates_ptr + rows[:, None] * (4 * H) + offs_h[None, :], H, i, f, g, o, active, mask_bh)
-        tl.store(cells_ptr + rows[:, None] * H + offs_h[None, :], tl.where(active[:, None], c_new, 0.0),
-                 mask=mask_bh)
+        if KEEP:  # the backward's workspace
+            _store_gates(gates_ptr + rows[:, None] * (4 * H) + offs_h[None, :], H, i, f, g, o, active, mask_bh)
+            tl.store(cells_ptr + rows[:, None] * H + offs_h[None, :], tl.where(active[:, None], c_new, 0.0),
+                     mask=mask_bh)
         tl.store(y_ptr + rows[:, None] * P + offs_p[None, :], tl.where(active[:, None], h_new, 0.0).to(h.dtype),
                  mask=mask_bp)
         h = tl.where(active[:, None], h_new, h)
@@ -280,7 +281,7 @@ def _lstm_bwd_persistent_kernel(
 def _lstm_fwd_step_kernel(
     gx_ptr, h_in_ptr, h_out_ptr, c_ptr, w_hh_ptr, m_ptr, lengths_ptr, y_ptr, gates_ptr, cells_ptr,
     step, B, T, H, P,
-    HAS_PROJ: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_PROJ: tl.constexpr, REVERSE: tl.constexpr, KEEP: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
@@ -302,8 +303,9 @@ def _lstm_fwd_step_kernel(
     c_prev = tl.load(c_ptr + state_c, mask=mask, other=0.0)  # [BLOCK_B, BLOCK_N] fp32
     i, f, g, o, c, m = _lstm_cell(pre_i, pre_f, pre_g, pre_o, c_prev)
     tl.store(c_ptr + state_c, tl.where(active[:, None], c, c_prev), mask=mask)
-    _store_gates(gates_ptr + gate_offs, H, i, f, g, o, active, mask)
-    tl.store(cells_ptr + rows[:, None] * H + offs_h[None, :], tl.where(active[:, None], c, 0.0), mask=mask)
+    if KEEP:  # the backward's workspace
+        _store_gates(gates_ptr + gate_offs, H, i, f, g, o, active, mask)
+        tl.store(cells_ptr + rows[:, None] * H + offs_h[None, :], tl.where(active[:, None], c, 0.0), mask=mask)
     if HAS_PROJ:  # h_t comes from _lstm_proj_step_kernel
         tl.store(m_ptr + state_c, _to(m, m_ptr.dtype.element_ty), mask=mask)
     else:
@@ -413,34 +415,28 @@ def alternating_grid(batch: int, columns: int) -> tuple[tuple[int, int], int]:
 
 
 def lstm_fwd(gx, h0, c0, w_hh, w_hr, lengths, reverse, training):
-    y, h_n, c_n, gates, cells = _lstm_fwd(gx, h0, c0, w_hh, w_hr, lengths, reverse)
-    if not training:  # the kernels still write the workspace; nothing keeps it
-        gates, cells = gates.new_empty(0), cells.new_empty(0)
-    return y, h_n, c_n, gates, cells
-
-
-def _lstm_fwd(gx, h0, c0, w_hh, w_hr, lengths, reverse):
+    """Without `training` the kernels store no workspace: gates and cells come back empty."""
     B, T, G = gx.shape
     H, P = G // 4, h0.shape[1]
     gx, h0, c0, w_hh = (t.contiguous() for t in (gx, h0, c0, w_hh))
     w_hr = w_hr.contiguous() if w_hr is not None else None
     lengths = full_lengths(B, T, gx.device) if lengths is None else lengths.contiguous()
     y = gx.new_empty((B, T, P))
-    gates = gx.new_empty((B, T, G), dtype=torch.float32)
-    cells = gx.new_empty((B, T, H), dtype=torch.float32)
+    gates = gx.new_empty((B, T, G) if training else (0,), dtype=torch.float32)
+    cells = gx.new_empty((B, T, H) if training else (0,), dtype=torch.float32)
     if choose_path(H, P) == "persistent":
         h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
         _lstm_fwd_persistent_kernel[(triton.cdiv(B, BLOCK_B_PERSISTENT),)](
             gx, h0, c0, w_hh, w_hr, lengths, y, h_n, c_n, gates, cells, B, T, H, P,
-            HAS_PROJ=w_hr is not None, REVERSE=reverse,
+            HAS_PROJ=w_hr is not None, REVERSE=reverse, KEEP=training,
             BLOCK_B=BLOCK_B_PERSISTENT, BLOCK_H=padded(H), BLOCK_P=padded(P),
         )
         return y, h_n, c_n, gates, cells
-    h_n, c = _lstm_fwd_alternating(gx, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, cells)
+    h_n, c = _lstm_fwd_alternating(gx, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, cells, training)
     return y, h_n, c.to(gx.dtype), gates, cells
 
 
-def _lstm_fwd_alternating(gx, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, cells):
+def _lstm_fwd_alternating(gx, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, cells, keep):
     """Runs the steps; returns h_n and the fp32 c_n. h ping-pongs between two buffers."""
     B, T, _ = gx.shape
     H, P = c0.shape[1], h0.shape[1]
@@ -454,7 +450,7 @@ def _lstm_fwd_alternating(gx, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, ce
         h_in, h_out = h[step % 2], h[(step + 1) % 2]
         _lstm_fwd_step_kernel[grid_h](
             gx, h_in, h_out, c, w_hh, m, lengths, y, gates, cells, step, B, T, H, P,
-            HAS_PROJ=w_hr is not None, REVERSE=reverse, **sizes,
+            HAS_PROJ=w_hr is not None, REVERSE=reverse, KEEP=keep, **sizes,
         )
         if w_hr is not None:
             _lstm_proj_step_kernel[grid_p](m, w_hr, h_in, h_out, lengths, y, step, B, T, H, P,
@@ -497,8 +493,8 @@ def aot_specs():
     """(kernel, argument types, constexprs) cases for the ahead-of-time compile check."""
     sizes = {name: "i32" for name in ("step", "B", "T", "H", "P")}
     largest = dict(BLOCK_B=BLOCK_B_PERSISTENT, BLOCK_H=PERSISTENT_MAX, BLOCK_P=PERSISTENT_MAX)
-    for dtype, proj, reverse, block_b in (("fp32", True, False, 32), ("bf16", True, True, 32),
-                                          ("fp16", False, True, 16)):
+    for dtype, proj, reverse, block_b, keep in (("fp32", True, False, 32, True), ("bf16", True, True, 32, False),
+                                                ("fp16", False, True, 16, True)):
         x = f"*{dtype}"
         flags = dict(REVERSE=reverse)
         alternating = dict(BLOCK_B=block_b, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
@@ -510,9 +506,9 @@ def aot_specs():
             "h_in_ptr": x, "h_out_ptr": x, "c_ptr": "*fp32", "m_ptr": x, "dh_ptr": "*fp32", "dc_ptr": "*fp32",
             **sizes,
         }
-        yield _lstm_fwd_persistent_kernel, types, {**flags, "HAS_PROJ": proj, **largest}
+        yield _lstm_fwd_persistent_kernel, types, {**flags, "HAS_PROJ": proj, "KEEP": keep, **largest}
         yield _lstm_bwd_persistent_kernel, types, {**flags, "HAS_PROJ": proj, **largest}
-        yield _lstm_fwd_step_kernel, types, {**flags, "HAS_PROJ": proj, **alternating}
+        yield _lstm_fwd_step_kernel, types, {**flags, "HAS_PROJ": proj, "KEEP": keep, **alternating}
         yield _lstm_bwd_step_kernel, types, {**flags, "HAS_PROJ": proj, **alternating}
         yield _lstm_bwd_hidden_kernel, types, {**flags, **alternating}
         if proj:
