@@ -31,6 +31,13 @@ TORCH_LIBRARY(rnnkern_C, m) {
   m.def(
       "gru_bwd(Tensor w_hh, Tensor gates, Tensor ghn, Tensor h_prev, Tensor grad_y, Tensor grad_h_n, "
       "Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+      "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, bool training) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+      "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, Tensor checkpoints, Tensor grad_out, "
+      "Tensor grad_last_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("lstm_step(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) "
         "-> (Tensor, Tensor)");
   m.def("gru_step(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> Tensor");
@@ -43,6 +50,8 @@ TORCH_LIBRARY_IMPL(rnnkern_C, CPU, m) {
   m.impl("lstm_bwd", &rnnkern::lstm_bwd_cpu);
   m.impl("gru_fwd", &rnnkern::gru_fwd_cpu);
   m.impl("gru_bwd", &rnnkern::gru_bwd_cpu);
+  m.impl("selective_scan_fwd", &rnnkern::selective_scan_fwd_cpu);
+  m.impl("selective_scan_bwd", &rnnkern::selective_scan_bwd_cpu);
   m.impl("lstm_step", &rnnkern::lstm_step_cpu);
   m.impl("gru_step", &rnnkern::gru_step_cpu);
 }

@@ -22,7 +22,10 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-TRITON_MODULES = ("rnnkern.ops.linear_scan.triton", "rnnkern.ops.lstm.triton", "rnnkern.ops.gru.triton")
+TRITON_MODULES = (
+    "rnnkern.ops.linear_scan.triton", "rnnkern.ops.lstm.triton", "rnnkern.ops.gru.triton",
+    "rnnkern.ops.selective_scan.triton",
+)
 TARGETS = (80, 90)
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 

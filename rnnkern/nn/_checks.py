@@ -2,7 +2,9 @@
 from torch import Tensor
 
 
-def input_tensor(owner: str, x, ndims: tuple, shape_doc: str, features: int, weight: Tensor) -> None:
+def input_tensor(
+    owner: str, x, ndims: tuple, shape_doc: str, features: int, weight: Tensor, features_name: str = "input_size"
+) -> None:
     """`x` is a tensor of `ndims` dimensions, `features` wide, with the dtype and device of `weight`."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{owner}: input must be a torch.Tensor of shape {shape_doc}, got {type(x).__name__}")
@@ -10,7 +12,7 @@ def input_tensor(owner: str, x, ndims: tuple, shape_doc: str, features: int, wei
         raise ValueError(f"{owner}: input must have shape {shape_doc}, got shape {tuple(x.shape)}")
     if x.shape[-1] != features:
         raise ValueError(
-            f"{owner}: input must have input_size={features} features in its last dimension, "
+            f"{owner}: input must have {features_name}={features} features in its last dimension, "
             f"got shape {tuple(x.shape)}"
         )
     if x.dtype != weight.dtype:

@@ -1,0 +1,215 @@
+"""causal_conv1d: Mamba's short depthwise causal convolution, and its one-step decode form.
+
+There is one implementation, reference.py (F.pad + a depthwise F.conv1d, already a fast
+kernel on every device), so the only backend is ``reference``. ``backend=`` is accepted for
+the same API as the other ops: None and ``"reference"`` run it; forcing ``"cpu"``,
+``"triton"`` or ``"cuda"`` raises :class:`rnnkern.BackendError` (no separate kernel).
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from rnnkern import _backends
+from rnnkern.ops import _checks
+from rnnkern.ops.causal_conv1d import reference
+from rnnkern.ops.causal_conv1d.reference import compute_dtype
+
+__all__ = ["causal_conv1d", "causal_conv1d_update"]
+
+ACTIVATIONS = {None: None, "silu": "silu", "swish": "silu"}  # accepted name -> the op's name
+
+
+def _kernels(backend: str):
+    """(forward, backward, update) of `backend`, with reference.py's signatures."""
+    if backend != "reference":
+        raise _backends.BackendError(f"causal_conv1d has no {backend!r} kernel")
+    return reference.causal_conv1d_fwd, reference.causal_conv1d_bwd, reference.causal_conv1d_update
+
+
+def _supports(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if backend != "reference":
+        return "causal_conv1d has no separate kernel here: it runs the reference (F.conv1d) on every device"
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library ops. `activation` is None or "silu"; `backend` a plain string (fixed when compiled).
+
+
+@torch.library.custom_op("rnnkern::causal_conv1d", mutates_args=())
+def _causal_conv1d_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], backend: str
+) -> Tensor:
+    forward, _, _ = _kernels(backend)
+    return forward(x, weight, bias, activation)
+
+
+@_causal_conv1d_op.register_fake
+def _(x, weight, bias, activation, backend):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("rnnkern::causal_conv1d_backward", mutates_args=())
+def _causal_conv1d_backward_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], grad_out: Tensor, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    _, backward, _ = _kernels(backend)
+    return backward(x, weight, bias, activation, grad_out)
+
+
+@_causal_conv1d_backward_op.register_fake
+def _(x, weight, bias, activation, grad_out, backend):
+    grad_bias = x.new_empty((weight.shape[0],) if bias is not None else (0,))
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, activation, backend = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.activation, ctx.backend = activation, backend
+
+
+def _backward(ctx, grad_out):
+    x, weight, bias = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = _causal_conv1d_backward_op(
+        x, weight, bias, ctx.activation, grad_out, ctx.backend
+    )
+    return grad_x, grad_weight, (grad_bias if bias is not None else None), None, None
+
+
+_causal_conv1d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("rnnkern::causal_conv1d_update", mutates_args=("conv_state",))
+def _causal_conv1d_update_op(
+    x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], backend: str
+) -> Tensor:
+    _, _, update = _kernels(backend)
+    return update(x, conv_state, weight, bias, activation)
+
+
+@_causal_conv1d_update_op.register_fake
+def _(x, conv_state, weight, bias, activation, backend):
+    return x.new_empty(x.shape)
+
+
+# ---------------------------------------------------------------------------------------
+# Public functions.
+
+
+def causal_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: Optional[str] = None,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Depthwise causal 1-D convolution over time, with an optional fused SiLU.
+
+    .. math:: \\text{out}_{b,d,t} = \\text{act}\\Big(\\text{bias}_d + \\sum_{k=0}^{W-1}
+              \\text{weight}_{d,k}\\, x_{b,d,t-W+1+k}\\Big), \\qquad x_{b,d,t<0} = 0
+
+    The same as ``torch.nn.Conv1d(D, D, W, groups=D, padding=W - 1)`` keeping the first L
+    outputs (its weight ``(D, 1, W)`` squeezed to ``(D, W)``), as in Mamba's block.
+
+    Args:
+        x: ``(B, D, L)`` (batch, channels, time); fp16, bf16, fp32 or fp64.
+        weight: ``(D, W)``, one filter of W taps per channel (the last tap multiplies x_t);
+            dtype and device of ``x``.
+        bias: optional ``(D,)``, dtype and device of ``x``.
+        activation: None, ``"silu"`` or its alias ``"swish"``.
+        backend: None or ``"reference"`` (the only implementation, on every device; also
+            read from ``RNNKERN_BACKEND``). Forcing ``"cpu"``, ``"triton"`` or ``"cuda"``
+            raises :class:`rnnkern.BackendError`: they have no separate kernel for this op.
+
+    Returns:
+        ``(B, D, L)`` in the dtype of ``x``; computed in fp32 (fp64 for fp64 inputs) and
+        rounded once. Gradients flow to ``x``, ``weight`` and ``bias``.
+
+    Example::
+
+        >>> x = torch.randn(2, 64, 100)                   # (B, D, L)
+        >>> w, b = torch.randn(64, 4), torch.randn(64)    # 4 taps per channel
+        >>> y = rnnkern.causal_conv1d(x, w, b, activation="silu")   # (2, 64, 100)
+    """
+    activation = _validate(x, weight, bias, activation)
+    name = _backends.select("causal_conv1d", x.device, x.dtype, _supports, backend)
+    return _causal_conv1d_op(x, weight, bias, activation, name)
+
+
+def causal_conv1d_update(
+    x: Tensor,
+    conv_state: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: Optional[str] = None,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """One decode step of :func:`causal_conv1d`, with a rolling state updated in place.
+
+    ``conv_state`` holds the last W inputs of each channel, newest last (state width W, as
+    mamba_ssm's ``causal_conv1d_update`` with a state of length W). A step shifts it left by
+    one, writes ``x`` into its last column and returns
+
+    .. math:: \\text{out}_{b,d} = \\text{act}\\Big(\\text{bias}_d + \\sum_{k=0}^{W-1}
+              \\text{weight}_{d,k}\\, \\text{conv\\_state}_{b,d,k}\\Big)
+
+    so steps over x[:, :, t] from a zero state equal ``causal_conv1d(x, ...)[:, :, t]``.
+
+    Args:
+        x: ``(B, D)``, the input at the current step.
+        conv_state: ``(B, D, W)``, dtype of ``x`` or float32 (float64 for fp64 ``x``), on its
+            device; modified in place.
+        weight, bias, activation, backend: as :func:`causal_conv1d`.
+
+    Returns:
+        ``(B, D)`` in the dtype of ``x``. For decoding: no gradients flow through the state.
+
+    Example::
+
+        >>> state = torch.zeros(2, 64, 4)                 # (B, D, W)
+        >>> for x_t in torch.randn(100, 2, 64):          # x_t (B, D)
+        ...     y_t = rnnkern.causal_conv1d_update(x_t, state, w, b, activation="silu")
+    """
+    activation = _validate_update(x, conv_state, weight, bias, activation)
+    name = _backends.select("causal_conv1d_update", x.device, x.dtype, _supports, backend)
+    return _causal_conv1d_update_op(x, conv_state, weight, bias, activation, name)
+
+
+def _validate(x, weight, bias, activation) -> Optional[str]:
+    """Checks the arguments of causal_conv1d; returns the op's activation name."""
+    _checks.tensor("x", x, ndim=3, shape_doc="(B, D, L)")
+    _checks.float_dtype("x", x)
+    if x.shape[2] < 1:
+        raise ValueError(f"x must have at least one time step (L >= 1), got shape {tuple(x.shape)}")
+    _check_weights(x, weight, bias)
+    return _activation(activation)
+
+
+def _validate_update(x, conv_state, weight, bias, activation) -> Optional[str]:
+    """Checks the arguments of causal_conv1d_update; returns the op's activation name."""
+    _checks.tensor("x", x, ndim=2, shape_doc="(B, D)")
+    _checks.float_dtype("x", x)
+    _check_weights(x, weight, bias)
+    shape = (x.shape[0], x.shape[1], weight.shape[1])
+    _checks.state("conv_state", conv_state, x, shape, compute_dtype(x.dtype))
+    return _activation(activation)
+
+
+def _check_weights(x: Tensor, weight, bias) -> None:
+    channels = x.shape[1]
+    _checks.tensor("weight", weight, ndim=2, shape_doc=f"(D, W) = ({channels}, W)")
+    if weight.shape[0] != channels or weight.shape[1] < 1:
+        raise ValueError(f"weight must have shape (D, W) = ({channels}, W) with W >= 1, got {tuple(weight.shape)}")
+    _checks.parameter("weight", weight, tuple(weight.shape), x)
+    if bias is not None:
+        _checks.parameter("bias", bias, (channels,), x)
+
+
+def _activation(activation) -> Optional[str]:
+    if not (activation is None or isinstance(activation, str)) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    return ACTIVATIONS[activation]

@@ -1,0 +1,366 @@
+"""selective_scan: Mamba's selective state-space scan, and its one-step decoding form."""
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from rnnkern import _backends
+from rnnkern.ops import _checks
+from rnnkern.ops.selective_scan import reference
+from rnnkern.ops.selective_scan.reference import CHUNK, num_chunks, state_dtype
+
+__all__ = ["CHUNK", "selective_scan", "selective_state_update", "state_dtype"]
+
+
+def _kernels(backend: str):
+    """(forward, backward) functions of `backend`, all with reference.py's signatures."""
+    if backend == "reference":
+        return reference.selective_scan_fwd, reference.selective_scan_bwd
+    if backend in ("cpu", "cuda"):
+        return torch.ops.rnnkern_C.selective_scan_fwd, torch.ops.rnnkern_C.selective_scan_bwd
+    from rnnkern.ops.selective_scan import triton as triton_kernels
+
+    return triton_kernels.selective_scan_fwd, triton_kernels.selective_scan_bwd
+
+
+_supports = _backends.kernel_support("selective_scan_fwd")
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library ops. B and C arrive normalised: (Bt, G, N, L) or fixed (Dm, N).
+
+
+@torch.library.custom_op("rnnkern::selective_scan", mutates_args=())
+def _selective_scan_op(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+    delta_bias: Optional[Tensor], delta_softplus: bool, initial_state: Optional[Tensor], training: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    forward, _ = _kernels(backend)
+    return forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, training)
+
+
+@_selective_scan_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, training, backend):
+    batch, dims, length = u.shape
+    acc = state_dtype(u.dtype)
+    checkpoints = (batch, dims, num_chunks(length), A.shape[1]) if training else (0,)
+    return u.new_empty(u.shape), u.new_empty((batch, dims, A.shape[1]), dtype=acc), \
+        u.new_empty(checkpoints, dtype=acc)
+
+
+@torch.library.custom_op("rnnkern::selective_scan_backward", mutates_args=())
+def _selective_scan_backward_op(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+    delta_bias: Optional[Tensor], delta_softplus: bool, initial_state: Optional[Tensor], checkpoints: Tensor,
+    grad_out: Tensor, grad_last_state: Tensor, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _, backward = _kernels(backend)
+    return backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, checkpoints, grad_out,
+                    grad_last_state)
+
+
+@_selective_scan_backward_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, checkpoints, grad_out, grad_last_state,
+      backend):
+    acc = state_dtype(u.dtype)
+
+    def like(x: Optional[Tensor], shape=None) -> Tensor:
+        return u.new_empty((0,) if x is None else (shape or x.shape), dtype=acc)
+
+    return (like(u), like(u), like(A), like(B), like(C), like(D), like(z), like(delta_bias),
+            like(u, (u.shape[0], u.shape[1], A.shape[1])))
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, training, backend = inputs
+    _, _, checkpoints = output
+    ctx.mark_non_differentiable(checkpoints)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints)
+    ctx.delta_softplus, ctx.training, ctx.backend = delta_softplus, training, backend
+
+
+def _backward(ctx, grad_out, grad_last_state, _grad_checkpoints):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints = ctx.saved_tensors
+    if not ctx.training:
+        raise RuntimeError("selective_scan ran with training=False; it kept nothing to differentiate")
+    if grad_out is None:
+        grad_out = torch.zeros_like(u)
+    if grad_last_state is None:
+        grad_last_state = u.new_zeros((u.shape[0], u.shape[1], A.shape[1]), dtype=state_dtype(u.dtype))
+    grads = _selective_scan_backward_op(
+        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, initial_state, checkpoints, grad_out,
+        grad_last_state, ctx.backend,
+    )
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    cast = [None if x is None else g.to(x.dtype) for g, x in zip(grads, inputs)]
+    return (*cast[:8], None, cast[8], None, None)
+
+
+_selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("rnnkern::selective_state_update", mutates_args=("state",))
+def _selective_state_update_op(
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+    z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
+) -> Tensor:
+    return reference.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+@_selective_state_update_op.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return x.new_empty(x.shape)
+
+
+# ---------------------------------------------------------------------------------------
+# Public functions.
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: Optional[Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Selective state-space scan (Mamba's S6), with mamba_ssm's ``selective_scan_fn`` arguments.
+
+    For every batch b, channel d and state index n, with channel d reading group
+    ``g = d // (D / G)`` of B and C:
+
+    .. math::
+        \\Delta_t = \\text{softplus}(\\delta_t + \\delta_{bias})\\ (\\text{or without softplus}) \\\\
+        x_t[n] = e^{\\Delta_t A[d, n]}\\, x_{t-1}[n] + \\Delta_t B_t[g, n]\\, u_t, \\qquad
+        x_{-1} = \\text{initial\\_state} \\\\
+        y_t = \\textstyle\\sum_n C_t[g, n]\\, x_t[n] + D[d]\\, u_t, \\qquad
+        \\text{out}_t = y_t \\cdot \\text{silu}(z_t)\\ (\\text{when z is given})
+
+    Args:
+        u: input ``(B, D, L)`` (batch, channels, length); fp16, bf16, fp32 or fp64.
+        delta: time steps ``(B, D, L)``, same dtype and device as ``u``.
+        A: state matrix ``(D, N)``, real (any float dtype; used in the state dtype).
+        B, C: input and output matrices, each ``(B, N, L)``, grouped ``(B, G, N, L)`` (G divides D)
+            or fixed over time and batch ``(D, N)``; dtype of ``u`` or float32.
+        D: skip connection ``(D,)`` or None. z: gate ``(B, D, L)`` like ``u``, or None.
+        delta_bias: ``(D,)`` added to delta, or None. delta_softplus: apply softplus to delta.
+        return_last_state: also return the state after the last step.
+        initial_state: ``(B, D, N)`` in u's dtype or the state dtype; zeros when None.
+        backend: force ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"`` (see
+            :func:`rnnkern.linear_scan`).
+
+    Returns:
+        ``out`` ``(B, D, L)`` in u's dtype; with ``return_last_state`` also the last state
+        ``(B, D, N)`` in the state dtype (float32; float64 for fp64 inputs), in which the
+        recurrence runs throughout. Gradients flow to every tensor argument, from both.
+
+    Example::
+
+        >>> u, delta = torch.randn(2, 64, 100), torch.rand(2, 64, 100)
+        >>> A = -torch.rand(64, 16)
+        >>> B, C = torch.randn(2, 16, 100), torch.randn(2, 16, 100)
+        >>> out, last = rnnkern.selective_scan(u, delta, A, B, C, return_last_state=True)
+        >>> out2 = rnnkern.selective_scan(u, delta, A, B, C, initial_state=last)  # continue
+    """
+    _validate_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
+    name = _backends.select("selective_scan", u.device, u.dtype, _supports, backend)
+    acc = state_dtype(u.dtype)
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    out, last_state, _ = _selective_scan_op(
+        u.contiguous(), delta.contiguous(), A.to(acc).contiguous(), _variable(B), _variable(C),
+        _vector(D, acc), None if z is None else z.contiguous(), _vector(delta_bias, acc), delta_softplus,
+        None if initial_state is None else initial_state.to(acc).contiguous(), training, name,
+    )
+    return (out, last_state) if return_last_state else out
+
+
+def selective_state_update(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    dt_bias: Optional[Tensor] = None,
+    dt_softplus: bool = False,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """One decoding step of :func:`selective_scan`, updating ``state`` in place.
+
+    .. math::
+        \\Delta = \\text{softplus}(dt + dt_{bias})\\ (\\text{or without softplus}), \\qquad
+        \\text{state} \\leftarrow e^{\\Delta A} \\odot \\text{state} + \\Delta\\, B\\, x \\\\
+        y = \\textstyle\\sum_n C[n]\\, \\text{state}[n] + D\\, x, \\qquad y \\leftarrow y \\cdot \\text{silu}(z)
+
+    Args:
+        state: ``(B, D, N)``, float32 (float64 for fp64 inputs) or x's dtype; overwritten with
+            the new state.
+        x, dt: ``(B, D)``; z: ``(B, D)`` or None, all of one dtype and device.
+        A: ``(D, N)``; B, C: ``(B, N)`` or grouped ``(B, G, N)``; D, dt_bias: ``(D,)`` or None.
+        backend: checked like :func:`selective_scan`'s; every backend runs the same torch ops.
+
+    Returns:
+        ``y`` ``(B, D)`` in x's dtype. Calling it for t = 0, 1, ... on the columns of a
+        sequence gives :func:`selective_scan`'s output and last state.
+
+    Example::
+
+        >>> state = torch.zeros(2, 64, 16)              # (B, D, N), e.g. a scan's last state
+        >>> x, dt = torch.randn(2, 64), torch.randn(2, 64)
+        >>> B, C = torch.randn(2, 16), torch.randn(2, 16)
+        >>> y = rnnkern.selective_state_update(state, x, dt, -torch.rand(64, 16), B, C, dt_softplus=True)
+    """
+    _validate_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    _backends.select("selective_state_update", x.device, x.dtype, _any_backend, backend)
+    acc = state_dtype(x.dtype)
+    return _selective_state_update_op(
+        state, x, dt, A.to(acc), _grouped(B), _grouped(C), _vector(D, acc), z, _vector(dt_bias, acc), dt_softplus,
+    )
+
+
+def _any_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """selective_state_update is one step of torch ops, which every backend can run."""
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Normalisation and validation.
+
+
+def _variable(BC: Tensor) -> Tensor:
+    """(Bt, N, L) -> (Bt, 1, N, L); grouped (Bt, G, N, L) and fixed (Dm, N) stay."""
+    return (BC[:, None] if BC.dim() == 3 else BC).contiguous()
+
+
+def _grouped(BC: Tensor) -> Tensor:
+    """(Bt, N) -> (Bt, 1, N); grouped (Bt, G, N) stays."""
+    return BC[:, None] if BC.dim() == 2 else BC
+
+
+def _vector(v: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
+    return None if v is None else v.to(acc).contiguous()
+
+
+def _validate_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state):
+    _checks.tensor("u", u, ndim=3, shape_doc="(B, D, L)")
+    _checks.float_dtype("u", u)
+    batch, dims, length = u.shape
+    if length < 1:
+        raise ValueError(f"u must have at least one time step (L >= 1), got shape {tuple(u.shape)}")
+    _checks.tensor("delta", delta, ndim=3, shape_doc="(B, D, L)")
+    _checks.same("delta", delta, "u", u)
+    n = _state_matrix(A, dims, u)
+    for name, BC in (("B", B), ("C", C)):
+        _input_matrix(name, BC, (batch, dims, n, length), u)
+    _same_groups(B, C, variable_ndim=3)
+    for name, v in (("D", D), ("delta_bias", delta_bias)):
+        _channel_vector(name, v, dims, u)
+    if z is not None:
+        _checks.tensor("z", z, ndim=3, shape_doc="(B, D, L)")
+        _checks.same("z", z, "u", u)
+    for name, flag in (("delta_softplus", delta_softplus), ("return_last_state", return_last_state)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if initial_state is not None:
+        _checks.state("initial_state", initial_state, u, (batch, dims, n), state_dtype(u.dtype))
+
+
+def _validate_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    _checks.tensor("x", x, ndim=2, shape_doc="(B, D)")
+    _checks.float_dtype("x", x)
+    batch, dims = x.shape
+    _checks.tensor("dt", dt, ndim=2, shape_doc="(B, D)")
+    _checks.same("dt", dt, "x", x)
+    n = _state_matrix(A, dims, x)
+    _checks.state("state", state, x, (batch, dims, n), state_dtype(x.dtype))
+    for name, BC in (("B", B), ("C", C)):
+        _step_matrix(name, BC, (batch, dims, n), x)
+    _same_groups(B, C, variable_ndim=2)
+    for name, v in (("D", D), ("dt_bias", dt_bias)):
+        _channel_vector(name, v, dims, x)
+    if z is not None:
+        _checks.tensor("z", z, ndim=2, shape_doc="(B, D)")
+        _checks.same("z", z, "x", x)
+    if not isinstance(dt_softplus, bool):
+        raise TypeError(f"dt_softplus must be a bool, got {type(dt_softplus).__name__}")
+
+
+def _state_matrix(A, dims: int, ref: Tensor) -> int:
+    """A is a real (D, N) matrix on ref's device; returns N."""
+    _checks.tensor("A", A, ndim=2, shape_doc="(D, N)")
+    if A.is_complex():
+        raise TypeError(f"A must be real (float16, bfloat16, float32 or float64); complex A ({A.dtype}) is not "
+                        "supported")
+    _checks.float_dtype("A", A)
+    if A.shape[0] != dims or A.shape[1] < 1:
+        raise ValueError(f"A must have shape (D, N) with D={dims} (the channels of the input) and N >= 1, "
+                         f"got {tuple(A.shape)}")
+    _device("A", A, ref)
+    return A.shape[1]
+
+
+def _input_matrix(name: str, BC, sizes: tuple, u: Tensor) -> None:
+    """B or C of the scan: (Bt, N, L), (Bt, G, N, L) with G dividing D, or fixed (D, N)."""
+    batch, dims, n, length = sizes
+    doc = f"({batch}, {n}, {length}) (B, N, L), ({batch}, G, {n}, {length}) (B, G, N, L) or ({dims}, {n}) (D, N)"
+    _grouped_matrix(name, BC, doc, fixed=(dims, n), variable=(batch, n, length), dims=dims, ref=u)
+
+
+def _step_matrix(name: str, BC, sizes: tuple, x: Tensor) -> None:
+    """B or C of one step: (Bt, N) or (Bt, G, N) with G dividing D."""
+    batch, dims, n = sizes
+    doc = f"({batch}, {n}) (B, N) or ({batch}, G, {n}) (B, G, N)"
+    _grouped_matrix(name, BC, doc, fixed=None, variable=(batch, n), dims=dims, ref=x)
+
+
+def _grouped_matrix(name, BC, doc: str, fixed, variable: tuple, dims: int, ref: Tensor) -> None:
+    """BC is `fixed`, `variable` or `variable` with a group axis after the batch."""
+    if not isinstance(BC, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {doc}, got {type(BC).__name__}")
+    shape = tuple(BC.shape)
+    grouped = len(shape) == len(variable) + 1 and shape[:1] + shape[2:] == variable
+    if shape != fixed and shape != variable and not grouped:
+        raise ValueError(f"{name} must have shape {doc}, got {shape}")
+    if grouped and (shape[1] < 1 or dims % shape[1]):
+        raise ValueError(f"{name} has G={shape[1]} groups, which must divide D={dims}; got shape {shape}")
+    if BC.dtype not in (ref.dtype, torch.float32):
+        allowed = str(ref.dtype) if ref.dtype == torch.float32 else f"{ref.dtype} or torch.float32"
+        raise TypeError(f"{name} must be {allowed}, got {BC.dtype}")
+    _device(name, BC, ref)
+
+
+def _same_groups(B: Tensor, C: Tensor, variable_ndim: int) -> None:
+    """B and C, when both vary with the input, have the same number of groups (1 if ungrouped)."""
+    def groups(BC: Tensor) -> int:
+        return BC.shape[1] if BC.dim() == variable_ndim + 1 else 1
+
+    if B.dim() >= variable_ndim and C.dim() >= variable_ndim and groups(B) != groups(C):
+        raise ValueError(f"B and C must have the same number of groups, got B {tuple(B.shape)} and C {tuple(C.shape)}")
+
+
+def _channel_vector(name: str, v, dims: int, ref: Tensor) -> None:
+    """D or delta_bias: None or a real (D,) vector on ref's device."""
+    if v is None:
+        return
+    _checks.tensor(name, v, ndim=1, shape_doc=f"({dims},)")
+    if tuple(v.shape) != (dims,):
+        raise ValueError(f"{name} must have shape ({dims},) (one value per channel), got {tuple(v.shape)}")
+    _checks.float_dtype(name, v)
+    _device(name, v, ref)
+
+
+def _device(name: str, x: Tensor, ref: Tensor) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on the input's device ({ref.device}), got {x.device}")
