@@ -67,4 +67,14 @@ std::tuple<at::Tensor, at::Tensor> lstm_step_cpu(
 at::Tensor gru_step_cpu(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
                         const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh);
 
+// One-token Mamba decode steps for fp32/fp64, the states updated in place (see
+// rnnkern/ops/causal_conv1d/reference.py and rnnkern/ops/selective_scan/reference.py).
+at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias, bool silu_activation);
+
+at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
+                                      const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                      const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                                      const std::optional<at::Tensor>& dt_bias, bool dt_softplus);
+
 }  // namespace rnnkern

@@ -18,11 +18,6 @@ from rnnkern.ops.selective_scan import selective_scan, selective_state_update
 
 __all__ = ["Mamba"]
 
-# causal_conv1d has one implementation on every device; naming it keeps a backend forced
-# for the scan (backend= or RNNKERN_BACKEND) from being refused by the convolution.
-_CONV_BACKEND = "reference"
-
-
 class Mamba(nn.Module):
     """The Mamba block (selective state-space model) of Gu and Dao, 2023.
 
@@ -155,7 +150,7 @@ class Mamba(nn.Module):
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
         x, z = xz.chunk(2, dim=1)  # (B, E, L) each
         conv_state = _last_columns(x, self.d_conv) if return_states else None  # (B, E, d_conv)
-        x = causal_conv1d(x, self._conv_weight(), self.conv1d.bias, "silu", backend=_CONV_BACKEND)
+        x = causal_conv1d(x, self._conv_weight(), self.conv1d.bias, "silu", backend=self.backend)
         dt, B, C = self._project(x.transpose(1, 2))  # (B, L, E), (B, L, N), (B, L, N)
         y, ssm_state = selective_scan(
             x, dt.transpose(1, 2), self._A(), B.transpose(1, 2), C.transpose(1, 2), _wide(self.D), z,
@@ -194,7 +189,7 @@ class Mamba(nn.Module):
         _state_shape("conv_state", conv_state, (batch, self.d_inner, self.d_conv))
         _state_shape("ssm_state", ssm_state, (batch, self.d_inner, self.d_state))
         x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)  # (B, E) each
-        x = causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias, "silu", backend=_CONV_BACKEND)
+        x = causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias, "silu", backend=self.backend)
         dt, B, C = self._project(x)  # (B, E), (B, N), (B, N)
         y = selective_state_update(
             ssm_state, x, dt, self._A(), B, C, _wide(self.D), z,

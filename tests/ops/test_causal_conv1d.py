@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import rnnkern
+from rnnkern import _backends
+from tests.conftest import backend_params
 from tests.tolerances import assert_close
 
 SHAPES = [(2, 5, 9, 4), (1, 3, 1, 4), (3, 6, 3, 4), (2, 7, 17, 2), (1, 4, 2, 2)]  # (B, D, L, W)
@@ -196,23 +198,42 @@ def test_compile_fullgraph_update_with_inductor():
 # --- backends -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", [None, "reference"], ids=["default", "reference"])
-def test_runs_with_the_reference_backend(backend):
-    x, weight, b = make_inputs((2, 5, 9, 4), torch.float64)
+BACKENDS = backend_params("causal_conv1d_update", "causal_conv1d_update")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_every_backend_matches_torch_conv1d(device, backend, dtype):
+    x, weight, b = (t.to(device) for t in make_inputs((2, 5, 9, 4), dtype))
     expected = torch_conv(x, weight, b, "silu")
-    assert_close(rnnkern.causal_conv1d(x, weight, b, "silu", backend=backend), expected, torch.float64, "out")
-    state = torch.zeros(2, 5, 4, dtype=torch.float64)
-    y = rnnkern.causal_conv1d_update(x[..., 0], state, weight, b, "silu", backend=backend)
-    assert_close(y, expected[..., 0], torch.float64, "update")
+    assert_close(rnnkern.causal_conv1d(x, weight, b, "silu", backend=backend), expected, dtype, "out")
+    state = torch.zeros(2, 5, 4, dtype=dtype, device=device)
+    steps = [rnnkern.causal_conv1d_update(x[..., t], state, weight, b, "silu", backend=backend) for t in range(9)]
+    assert_close(torch.stack(steps, dim=-1), expected, dtype, "update")
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
-def test_a_forced_backend_without_a_kernel_is_an_error(backend):
+def _ran_cpu_update_kernel(run) -> bool:
+    with torch.autograd.profiler.profile() as prof:
+        run()
+    return any(event.name == "rnnkern_C::causal_conv1d_update" for event in prof.function_events)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+def test_cpu_update_kernel_runs_fp32_and_fp64(dtype):
+    if _backends.compiled_kernel_reason("causal_conv1d_update", torch.device("cpu")):
+        pytest.fail("rnnkern._C lacks causal_conv1d_update: rebuild the extension")
+    x, weight, b = make_inputs((2, 5, 1, 4), dtype)
+    state = torch.zeros(2, 5, 4, dtype=dtype)
+    assert _ran_cpu_update_kernel(lambda: rnnkern.causal_conv1d_update(x[..., 0], state, weight, b, "silu")) == (
+        dtype != torch.bfloat16)
+
+
+def test_forcing_a_backend_that_cannot_run_the_device_is_an_error():
     x, weight, b = make_inputs((2, 5, 9, 4), torch.float32)
-    with pytest.raises(rnnkern.BackendError, match=rf"causal_conv1d: backend '{backend}' cannot run this input"):
-        rnnkern.causal_conv1d(x, weight, b, backend=backend)
-    with pytest.raises(rnnkern.BackendError, match=rf"causal_conv1d_update: backend '{backend}' cannot run"):
-        rnnkern.causal_conv1d_update(x[..., 0], torch.zeros(2, 5, 4), weight, b, backend=backend)
+    with pytest.raises(rnnkern.BackendError, match=r"causal_conv1d: backend 'cuda' cannot run this input"):
+        rnnkern.causal_conv1d(x, weight, b, backend="cuda")
+    with pytest.raises(rnnkern.BackendError, match=r"causal_conv1d_update: backend 'cuda' cannot run"):
+        rnnkern.causal_conv1d_update(x[..., 0], torch.zeros(2, 5, 4), weight, b, backend="cuda")
 
 
 # --- bad input ------------------------------------------------------------------------

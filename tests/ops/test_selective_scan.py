@@ -323,8 +323,19 @@ def test_state_update_opcheck(device, backend):
     inputs = make_inputs((2, 6, 1, 4, "grouped3", OPTIONS), torch.float32, device)
     state = inputs["initial_state"].clone()
     args = (state, inputs["u"][..., 0], inputs["delta"][..., 0], inputs["A"], inputs["B"][..., 0],
-            inputs["C"][..., 0], inputs["D"], inputs["z"][..., 0], inputs["delta_bias"], True)
+            inputs["C"][..., 0], inputs["D"], inputs["z"][..., 0], inputs["delta_bias"], True, backend)
     torch.library.opcheck(torch.ops.rnnkern.selective_state_update.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
+def test_state_update_runs_the_cpu_kernel_for_fp32_and_fp64(dtype):
+    if _backends.compiled_kernel_reason("selective_state_update", torch.device("cpu")):
+        pytest.fail("rnnkern._C lacks selective_state_update: rebuild the extension")
+    inputs = make_inputs(UPDATE_CASES[0], dtype, "cpu")
+    with torch.autograd.profiler.profile() as prof:
+        update_step(inputs["initial_state"].clone(), inputs, 0, None)
+    ran = any(event.name == "rnnkern_C::selective_state_update" for event in prof.function_events)
+    assert ran == (dtype != torch.bfloat16)
 
 
 def test_state_update_compiles_fullgraph():

@@ -1,9 +1,9 @@
 """causal_conv1d: Mamba's short depthwise causal convolution, and its one-step decode form.
 
-There is one implementation, reference.py (F.pad + a depthwise F.conv1d, already a fast
-kernel on every device), so the only backend is ``reference``. ``backend=`` is accepted for
-the same API as the other ops: None and ``"reference"`` run it; forcing ``"cpu"``,
-``"triton"`` or ``"cuda"`` raises :class:`rnnkern.BackendError` (no separate kernel).
+The convolution is reference.py's F.pad + depthwise F.conv1d on every backend (already a
+native kernel on every device). The one-step update has a C++ kernel on the cpu backend
+(fp32/fp64); elsewhere it runs the reference's torch ops. ``backend=`` and RNNKERN_BACKEND
+work as for the other ops, so a model forcing one backend runs its convolutions too.
 """
 from typing import Optional
 
@@ -20,16 +20,21 @@ __all__ = ["causal_conv1d", "causal_conv1d_update"]
 ACTIVATIONS = {None: None, "silu": "silu", "swish": "silu"}  # accepted name -> the op's name
 
 
-def _kernels(backend: str):
+def _kernels(backend: str, dtype: torch.dtype):
     """(forward, backward, update) of `backend`, with reference.py's signatures."""
-    if backend != "reference":
-        raise _backends.BackendError(f"causal_conv1d has no {backend!r} kernel")
-    return reference.causal_conv1d_fwd, reference.causal_conv1d_bwd, reference.causal_conv1d_update
+    update = reference.causal_conv1d_update
+    if backend == "cpu" and dtype in (torch.float32, torch.float64):
+        update = _cpu_update
+    return reference.causal_conv1d_fwd, reference.causal_conv1d_bwd, update
+
+
+def _cpu_update(x, conv_state, weight, bias, activation):
+    return torch.ops.rnnkern_C.causal_conv1d_update(x, conv_state, weight, bias, activation == "silu")
 
 
 def _supports(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    if backend != "reference":
-        return "causal_conv1d has no separate kernel here: it runs the reference (F.conv1d) on every device"
+    if backend == "cpu":
+        return _backends.compiled_kernel_reason("causal_conv1d_update", device)
     return None
 
 
@@ -41,7 +46,7 @@ def _supports(backend: str, device: torch.device, dtype: torch.dtype) -> Optiona
 def _causal_conv1d_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], backend: str
 ) -> Tensor:
-    forward, _, _ = _kernels(backend)
+    forward, _, _ = _kernels(backend, x.dtype)
     return forward(x, weight, bias, activation)
 
 
@@ -54,7 +59,7 @@ def _(x, weight, bias, activation, backend):
 def _causal_conv1d_backward_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], grad_out: Tensor, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _, backward, _ = _kernels(backend)
+    _, backward, _ = _kernels(backend, x.dtype)
     return backward(x, weight, bias, activation, grad_out)
 
 
@@ -85,7 +90,7 @@ _causal_conv1d_op.register_autograd(_backward, setup_context=_setup_context)
 def _causal_conv1d_update_op(
     x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], backend: str
 ) -> Tensor:
-    _, _, update = _kernels(backend)
+    _, _, update = _kernels(backend, x.dtype)
     return update(x, conv_state, weight, bias, activation)
 
 
@@ -120,9 +125,8 @@ def causal_conv1d(
             dtype and device of ``x``.
         bias: optional ``(D,)``, dtype and device of ``x``.
         activation: None, ``"silu"`` or its alias ``"swish"``.
-        backend: None or ``"reference"`` (the only implementation, on every device; also
-            read from ``RNNKERN_BACKEND``). Forcing ``"cpu"``, ``"triton"`` or ``"cuda"``
-            raises :class:`rnnkern.BackendError`: they have no separate kernel for this op.
+        backend: force a backend (see :func:`rnnkern.linear_scan`); every backend runs the
+            same F.conv1d here.
 
     Returns:
         ``(B, D, L)`` in the dtype of ``x``; computed in fp32 (fp64 for fp64 inputs) and
@@ -176,7 +180,12 @@ def causal_conv1d_update(
     """
     activation = _validate_update(x, conv_state, weight, bias, activation)
     name = _backends.select("causal_conv1d_update", x.device, x.dtype, _supports, backend)
-    return _causal_conv1d_update_op(x, conv_state, weight, bias, activation, name)
+    if torch.compiler.is_compiling():
+        return _causal_conv1d_update_op(x, conv_state, weight, bias, activation, name)
+    # eagerly the kernel runs directly: the op wrapper (kept for torch.compile) costs more
+    # than the step itself
+    _, _, update = _kernels(name, x.dtype)
+    return update(x, conv_state, weight, bias, activation)
 
 
 def _validate(x, weight, bias, activation) -> Optional[str]:

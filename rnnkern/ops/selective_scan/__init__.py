@@ -100,16 +100,30 @@ def _backward(ctx, grad_out, grad_last_state, _grad_checkpoints):
 _selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _update_kernel(backend: str, dtype: torch.dtype):
+    """The one-step function of `backend`: the cpu backend's C++ kernel for fp32/fp64, else the
+    reference's torch ops (a decode step has no separate Triton or CUDA kernel)."""
+    if backend == "cpu" and dtype in (torch.float32, torch.float64):
+        return torch.ops.rnnkern_C.selective_state_update
+    return reference.selective_state_update
+
+
+def _update_supports(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if backend == "cpu":
+        return _backends.compiled_kernel_reason("selective_state_update", device)
+    return None
+
+
 @torch.library.custom_op("rnnkern::selective_state_update", mutates_args=("state",))
 def _selective_state_update_op(
     state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-    z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
+    z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool, backend: str,
 ) -> Tensor:
-    return reference.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return _update_kernel(backend, x.dtype)(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
 @_selective_state_update_op.register_fake
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend):
     return x.new_empty(x.shape)
 
 
@@ -209,7 +223,8 @@ def selective_state_update(
             the new state.
         x, dt: ``(B, D)``; z: ``(B, D)`` or None, all of one dtype and device.
         A: ``(D, N)``; B, C: ``(B, N)`` or grouped ``(B, G, N)``; D, dt_bias: ``(D,)`` or None.
-        backend: checked like :func:`selective_scan`'s; every backend runs the same torch ops.
+        backend: as :func:`selective_scan`'s. The cpu backend runs a C++ kernel for fp32/fp64;
+            the others (and cpu for fp16/bf16) run the reference's torch ops.
 
     Returns:
         ``y`` ``(B, D)`` in x's dtype. Calling it for t = 0, 1, ... on the columns of a
@@ -223,16 +238,15 @@ def selective_state_update(
         >>> y = rnnkern.selective_state_update(state, x, dt, -torch.rand(64, 16), B, C, dt_softplus=True)
     """
     _validate_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    _backends.select("selective_state_update", x.device, x.dtype, _any_backend, backend)
+    name = _backends.select("selective_state_update", x.device, x.dtype, _update_supports, backend)
     acc = state_dtype(x.dtype)
-    return _selective_state_update_op(
-        state, x, dt, A.to(acc), _grouped(B), _grouped(C), _vector(D, acc), z, _vector(dt_bias, acc), dt_softplus,
-    )
-
-
-def _any_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """selective_state_update is one step of torch ops, which every backend can run."""
-    return None
+    args = (state, x, dt, A.to(acc), _grouped(B).to(acc), _grouped(C).to(acc), _vector(D, acc), z,
+            _vector(dt_bias, acc), dt_softplus)
+    if torch.compiler.is_compiling():
+        return _selective_state_update_op(*args, name)
+    # eagerly the kernel runs directly: the op wrapper (kept for torch.compile) costs more
+    # than the step itself
+    return _update_kernel(name, x.dtype)(*args)
 
 
 # ---------------------------------------------------------------------------------------

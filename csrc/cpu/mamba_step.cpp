@@ -1,0 +1,155 @@
+// One-token decode steps of a Mamba block on CPU, fp32/fp64: the causal conv's rolling-state
+// update and the selective scan's state update (rnnkern/ops/causal_conv1d/reference.py and
+// rnnkern/ops/selective_scan/reference.py state the contracts). A decode step is a few
+// thousand multiply-adds; as a chain of torch ops it costs tens of op dispatches, so here
+// each step is one loop over (batch, channel) pairs, the states updated in place.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "../ops.h"
+#include "recurrence.h"
+
+namespace rnnkern {
+namespace {
+
+// (batch, channel) pairs per parallel task: one pair is only N (or W) multiply-adds.
+constexpr int64_t kPairsPerTask = 256;
+constexpr double kSoftplusThreshold = 20.0;  // softplus(x) = x above it, as torch
+
+template <typename T>
+T silu(T x) {
+  return x / (T(1) + std::exp(-x));
+}
+
+template <typename T>
+T softplus(T x) {
+  return x > T(kSoftplusThreshold) ? x : std::log1p(std::exp(x));
+}
+
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype) {
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+void check_input(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must have shape (B, D), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64, got ", x.scalar_type());
+}
+
+void check_optional(const char* op, const char* name, const std::optional<at::Tensor>& t, at::IntArrayRef shape,
+                    at::ScalarType dtype) {
+  if (t.has_value()) cpu::check_tensor(op, name, *t, shape, dtype);
+}
+
+void check_state(const char* op, const char* name, const at::Tensor& state, at::IntArrayRef shape,
+                 at::ScalarType dtype) {
+  cpu::check_tensor(op, name, state, shape, dtype);
+  TORCH_CHECK(state.is_contiguous(), op, ": ", name, " must be contiguous (it is updated in place)");
+}
+
+}  // namespace
+
+at::Tensor causal_conv1d_update_cpu(const at::Tensor& x_in, at::Tensor& conv_state, const at::Tensor& weight_in,
+                                    const std::optional<at::Tensor>& bias_in, bool silu_activation) {
+  const char* op = "causal_conv1d_update";
+  check_input(op, x_in);
+  const int64_t batch = x_in.size(0), dims = x_in.size(1);
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK(weight_in.dim() == 2 && weight_in.size(0) == dims && weight_in.size(1) > 0, op,
+              ": weight must have shape (", dims, ", W), got ", weight_in.sizes());
+  const int64_t width = weight_in.size(1);
+  check_dtype(op, "weight", weight_in, dtype);
+  check_optional(op, "bias", bias_in, {dims}, dtype);
+  check_state(op, "conv_state", conv_state, {batch, dims, width}, dtype);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), bias = contiguous_or_undefined(bias_in);
+  at::Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "causal_conv1d_update_cpu", [&] {
+    const scalar_t *xs = x.data_ptr<scalar_t>(), *w = weight.data_ptr<scalar_t>();
+    const scalar_t* b = data_or_null<scalar_t>(bias);
+    scalar_t *states = conv_state.data_ptr<scalar_t>(), *y = out.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * dims, kPairsPerTask, [&](int64_t first, int64_t last) {
+      for (int64_t pair = first; pair < last; ++pair) {
+        const int64_t d = pair % dims;
+        scalar_t* window = states + pair * width;  // the last W inputs, newest last
+        std::copy(window + 1, window + width, window);
+        window[width - 1] = xs[pair];
+        scalar_t sum = b ? b[d] : scalar_t(0);
+        for (int64_t k = 0; k < width; ++k) sum += w[d * width + k] * window[k];
+        y[pair] = silu_activation ? silu(sum) : sum;
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x_in, const at::Tensor& dt_in,
+                                      const at::Tensor& A_in, const at::Tensor& B_in, const at::Tensor& C_in,
+                                      const std::optional<at::Tensor>& D_in, const std::optional<at::Tensor>& z_in,
+                                      const std::optional<at::Tensor>& dt_bias_in, bool dt_softplus) {
+  const char* op = "selective_state_update";
+  check_input(op, x_in);
+  const int64_t batch = x_in.size(0), dims = x_in.size(1);
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK(A_in.dim() == 2 && A_in.size(0) == dims, op, ": A must have shape (", dims, ", N), got ",
+              A_in.sizes());
+  const int64_t n = A_in.size(1);
+  check_dtype(op, "A", A_in, dtype);
+  cpu::check_tensor(op, "dt", dt_in, {batch, dims}, dtype);
+  TORCH_CHECK(B_in.dim() == 3 && B_in.size(0) == batch && B_in.size(1) > 0 && dims % B_in.size(1) == 0 &&
+                  B_in.size(2) == n,
+              op, ": B must have shape (", batch, ", G, ", n, ") with G dividing ", dims, ", got ", B_in.sizes());
+  const int64_t groups = B_in.size(1);
+  cpu::check_tensor(op, "B", B_in, {batch, groups, n}, dtype);
+  cpu::check_tensor(op, "C", C_in, {batch, groups, n}, dtype);
+  check_optional(op, "D", D_in, {dims}, dtype);
+  check_optional(op, "z", z_in, {batch, dims}, dtype);
+  check_optional(op, "dt_bias", dt_bias_in, {dims}, dtype);
+  check_state(op, "state", state, {batch, dims, n}, dtype);
+  const at::Tensor x = x_in.contiguous(), dt = dt_in.contiguous(), A = A_in.contiguous();
+  const at::Tensor B = B_in.contiguous(), C = C_in.contiguous();
+  const at::Tensor D = contiguous_or_undefined(D_in), z = contiguous_or_undefined(z_in);
+  const at::Tensor dt_bias = contiguous_or_undefined(dt_bias_in);
+  at::Tensor out = at::empty_like(x);
+  const int64_t channels_per_group = dims / groups;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "selective_state_update_cpu", [&] {
+    const scalar_t *xs = x.data_ptr<scalar_t>(), *dts = dt.data_ptr<scalar_t>(), *a = A.data_ptr<scalar_t>();
+    const scalar_t *bs = B.data_ptr<scalar_t>(), *cs = C.data_ptr<scalar_t>();
+    const scalar_t *skip = data_or_null<scalar_t>(D), *gate = data_or_null<scalar_t>(z);
+    const scalar_t* bias = data_or_null<scalar_t>(dt_bias);
+    scalar_t *h = state.data_ptr<scalar_t>(), *y = out.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * dims, kPairsPerTask, [&](int64_t first, int64_t last) {
+      for (int64_t pair = first; pair < last; ++pair) {
+        const int64_t b = pair / dims, d = pair % dims, g = d / channels_per_group;
+        scalar_t step = dts[pair] + (bias ? bias[d] : scalar_t(0));
+        if (dt_softplus) step = softplus(step);
+        const scalar_t drive = step * xs[pair];
+        const scalar_t* b_row = bs + (b * groups + g) * n;
+        const scalar_t* c_row = cs + (b * groups + g) * n;
+        scalar_t* h_row = h + pair * n;
+        scalar_t sum = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          h_row[i] = std::exp(step * a[d * n + i]) * h_row[i] + drive * b_row[i];
+          sum += c_row[i] * h_row[i];
+        }
+        if (skip) sum += skip[d] * xs[pair];
+        y[pair] = gate ? sum * silu(gate[pair]) : sum;
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace rnnkern
