@@ -1,10 +1,11 @@
 """Benchmark CLI: times rnnkern's kernels against PyTorch baselines in one process.
 
-    python benchmarks/run.py [--suite scan|all] [--quick] [--device cpu|cuda] [--out DIR]
+    python benchmarks/run.py [--suite scan|lstm|gru|selective|kvcache|all] [--quick]
+                             [--device cpu|cuda] [--out DIR]
 
-Prints one table line per benchmark to stdout, progress to stderr, and writes
-DIR/results.json: {"schema_version", "meta": environment, "kernels": [records], ...}, one
-top-level list per section that the chosen suites fill.
+Prints one table per suite to stdout, progress to stderr, and writes DIR/results.json:
+{"schema_version", "meta": environment, "kernels": [records], "kv_cache": [records]} (one
+top-level list per section that the chosen suites fill) and PNG plots of them into DIR.
 """
 import argparse
 import sys
@@ -14,7 +15,7 @@ import torch
 
 # Run as a script, this file's folder is on sys.path instead of the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import report, suites, timing  # noqa: E402
+from benchmarks import plots, report, suites, timing  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -39,6 +40,8 @@ def main(argv: list[str]) -> None:
         results.setdefault(suite.SECTION, []).extend(records)
         print(f"\n[{name}]\n" + report.table(records, suite.COLUMNS, suite.LEGEND), flush=True)
     report.progress(f"wrote {report.write_json(args.out, results)}")
+    for path in plots.write_all(results, args.out):
+        report.progress(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -63,27 +63,27 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 def run_suite(kind: str, settings: Settings) -> list[dict[str, Any]]:
     records = []
     for case in cases(settings.device, settings.quick):
-        torch_module = _torch_module(kind, case)
+        torch_module = torch_module(kind, case)
         torch_record = _measure(kind, "torch.nn", torch_module, case, settings)
         records.append({**torch_record, "speedup_vs_torch": 1.0})
         for backend in BACKENDS[case.device.type]:
-            reason = _refusal(kind, backend, case)
+            reason = refusal(kind, backend, case)
             if reason is not None:
                 records.append({**_identity(kind, backend, case), "skipped": reason})
                 continue
-            ours = _rnnkern_module(kind, torch_module, backend)
+            ours = rnnkern_module(kind, torch_module, backend)
             record = _measure(kind, backend, ours, case, settings)
             records.append({**record, "speedup_vs_torch": torch_record["ms_median"] / record["ms_median"]})
     return records
 
 
-def _torch_module(kind: str, case: Case) -> torch.nn.Module:
+def torch_module(kind: str, case: Case) -> torch.nn.Module:
     torch.manual_seed(0)
     cls = torch.nn.LSTM if kind == "lstm" else torch.nn.GRU
     return cls(case.hidden, case.hidden, batch_first=True, device=case.device, dtype=case.dtype)
 
 
-def _rnnkern_module(kind: str, reference: torch.nn.Module, backend: str) -> torch.nn.Module:
+def rnnkern_module(kind: str, reference: torch.nn.Module, backend: str) -> torch.nn.Module:
     cls = rnnkern.nn.LSTM if kind == "lstm" else rnnkern.nn.GRU
     ours = cls(reference.input_size, reference.hidden_size, batch_first=True, backend=backend,
                device=reference.weight_ih_l0.device, dtype=reference.weight_ih_l0.dtype)
@@ -91,7 +91,7 @@ def _rnnkern_module(kind: str, reference: torch.nn.Module, backend: str) -> torc
     return ours
 
 
-def _refusal(kind: str, backend: str, case: Case) -> Optional[str]:
+def refusal(kind: str, backend: str, case: Case) -> Optional[str]:
     """Why `backend` cannot run this case, or None."""
     probe = torch.zeros((1, 1, 4), dtype=case.dtype, device=case.device)
     weights = [torch.zeros((GATES[kind] * 4, 4), dtype=case.dtype, device=case.device)] * 2
@@ -108,13 +108,13 @@ GATES = {"lstm": 4, "gru": 3}
 
 def _measure(kind: str, backend: str, module: torch.nn.Module, case: Case, settings: Settings) -> dict[str, Any]:
     progress(f"{kind} {case.direction} B{case.batch}-T{case.steps}-H{case.hidden}-{case.dtype_name}: {backend}")
-    run = _callable(kind, module, case)
+    run = timed_call(kind, module, case)
     timing = measure(run, settings)
     return {**_identity(kind, backend, case), **timing.as_record(),
             "peak_mem_bytes": memory.peak_bytes(run, case.device)}
 
 
-def _callable(kind: str, module: torch.nn.Module, case: Case) -> Callable[[], Any]:
+def timed_call(kind: str, module: torch.nn.Module, case: Case) -> Callable[[], Any]:
     """The timed call of `case.direction`, with its inputs built here, outside the timer."""
     gen = torch.Generator(device=case.device).manual_seed(1)
     options = {"dtype": case.dtype, "device": case.device}
