@@ -63,15 +63,15 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 def run_suite(kind: str, settings: Settings) -> list[dict[str, Any]]:
     records = []
     for case in cases(settings.device, settings.quick):
-        torch_module = torch_module(kind, case)
-        torch_record = _measure(kind, "torch.nn", torch_module, case, settings)
+        baseline = torch_module(kind, case)
+        torch_record = _measure(kind, "torch.nn", baseline, case, settings)
         records.append({**torch_record, "speedup_vs_torch": 1.0})
         for backend in BACKENDS[case.device.type]:
             reason = refusal(kind, backend, case)
             if reason is not None:
                 records.append({**_identity(kind, backend, case), "skipped": reason})
                 continue
-            ours = rnnkern_module(kind, torch_module, backend)
+            ours = rnnkern_module(kind, baseline, backend)
             record = _measure(kind, backend, ours, case, settings)
             records.append({**record, "speedup_vs_torch": torch_record["ms_median"] / record["ms_median"]})
     return records
