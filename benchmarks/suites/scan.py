@@ -5,7 +5,8 @@ What each direction times:
   bwd  the registered backward op ``torch.ops.rnnkern.linear_scan_backward`` alone, on h
        from one untimed forward: no forward time is in it.
 
-Baselines, timed in the same process on the same tensors:
+Baselines, timed in the same process on the same tensors (and, on a GPU, the peers
+accelerated-scan and flash-linear-attention's HGRN scan when installed; see peer_benches):
   torch.add      ``torch.add(a, b)``: the forward's memory-traffic floor (reads 2 (B, T, D)
                  tensors, writes 1, as the forward does).
   torch.addcmul  ``torch.addcmul(a, h, grad_h)``: the backward's floor. It reads 3 tensors
@@ -158,6 +159,37 @@ def forward_benches(inputs: Inputs, backends: list[str]) -> list[Bench]:
     return baselines + kernels
 
 
+def peer_benches(inputs: Inputs) -> list[Bench]:
+    """Peers computing the same recurrence on a GPU, when installed; their input layouts are
+    made here, outside the timer.
+
+    accelerated-scan's warp scan takes (B, D, T) contiguous tensors with T a power of two;
+    flash-linear-attention's chunk_hgrn computes h_t = exp(g_t) h_{t-1} + x_t on (B, T, D),
+    so it gets g = log(a) (a clamped to >= 1e-12, where exp(g) is a to within float rounding).
+    """
+    a, b = inputs.a, inputs.b
+    if a.device.type != "cuda":
+        return []
+    benches = []
+    try:
+        from accelerated_scan.warp import scan as warp_scan
+    except ImportError:
+        warp_scan = None
+    if warp_scan is not None and not a.shape[1] & (a.shape[1] - 1):
+        gates, tokens = a.transpose(1, 2).contiguous(), b.transpose(1, 2).contiguous()  # (B, D, T)
+        benches.append(Bench("linear_scan", "accelerated_scan", "fwd", functools.partial(warp_scan, gates, tokens),
+                             3, "accelerated_scan.warp.scan on (B, D, T) copies"))
+    try:
+        from fla.ops.hgrn import chunk_hgrn
+    except ImportError:
+        chunk_hgrn = None
+    if chunk_hgrn is not None:
+        log_a = a.clamp_min(1e-12).log()
+        benches.append(Bench("linear_scan", "fla", "fwd", functools.partial(chunk_hgrn, b, log_a), 3,
+                             "fla.ops.hgrn.chunk_hgrn(x=b, g=log a)"))
+    return benches
+
+
 def backward_benches(inputs: Inputs, backends: list[str]) -> list[Bench]:
     """The floor first, the loop second, then the out= floor and one bench per backend."""
     a, h, grad_h = inputs.a, inputs.h, inputs.grad_h
@@ -205,7 +237,7 @@ def _run_case(case: Case, settings: Settings) -> list[dict[str, Any]]:
     progress(f"scan {case.id}: building inputs")
     inputs = make_inputs(case)
     measured = []
-    for benches in (forward_benches(inputs, backends), backward_benches(inputs, backends)):
+    for benches in (forward_benches(inputs, backends) + peer_benches(inputs), backward_benches(inputs, backends)):
         measured += _compare(case, benches, settings, inputs.a.nbytes)
     return measured + skipped
 

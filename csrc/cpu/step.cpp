@@ -85,8 +85,8 @@ RNNKERN_VECTORIZED void project_rows(const T* __restrict w, int64_t k, int64_t r
 }
 
 template <typename T>
-const T* data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
 void check_step_inputs(const char* op, const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
@@ -104,28 +104,40 @@ void check_step_inputs(const char* op, const at::Tensor& x, const at::Tensor& h,
   if (b_hh.has_value()) cpu::check_tensor(op, "b_hh", *b_hh, {gates * hidden}, dtype);
 }
 
-// Units [j0, j1) of every row: their gate pre-activations, then the cell update.
+// The gate pre-activations of units [j0, j1): gi = b_ih + x W_ih^T and gh = b_hh + h W_hh^T
+// on those units' rows of every gate block (gate q of unit j is row q * H + j).
 template <typename T>
-struct LstmStep {
-  int64_t batch, input, hidden;
-  const T *x, *h, *c, *w_ih, *w_hh, *b_ih, *b_hh;  // x (B, I), h and c (B, H), weights (4H, .)
-  T *gi, *gh;                                       // (B, 4H) scratch
-  T *h_out, *c_out;                                 // (B, H)
+struct GateProjections {
+  int64_t batch, input, hidden, gates;
+  const T *x, *h, *w_ih, *w_hh, *b_ih, *b_hh;  // x (B, I), h (B, H), weights (gates * H, .)
+  T *gi, *gh;                                   // (B, gates * H) scratch
 
   void operator()(int64_t j0, int64_t j1) const {
-    const int64_t n = j1 - j0, width = 4 * hidden;
-    for (int64_t q = 0; q < 4; ++q) {
+    const int64_t n = j1 - j0, width = gates * hidden;
+    for (int64_t q = 0; q < gates; ++q) {
       const int64_t row0 = q * hidden + j0;
       project_rows(w_ih, input, row0, n, b_ih, x, batch, gi + row0, width);
       project_rows(w_hh, hidden, row0, n, b_hh, h, batch, gh + row0, width);
     }
-    for (int64_t b = 0; b < batch; ++b) cell_row(b, j0, j1);
+  }
+};
+
+// Units [j0, j1) of every row: their gate pre-activations, then the cell update.
+template <typename T>
+struct LstmStep {
+  GateProjections<T> pre;  // 4 gates
+  const T* c;              // (B, H)
+  T *h_out, *c_out;        // (B, H)
+
+  void operator()(int64_t j0, int64_t j1) const {
+    pre(j0, j1);
+    for (int64_t b = 0; b < pre.batch; ++b) cell_row(b, j0, j1);
   }
 
   RNNKERN_VECTORIZED void cell_row(int64_t b, int64_t j0, int64_t j1) const {
-    const int64_t H = hidden;
-    const T* __restrict a = gi + b * 4 * H;
-    const T* __restrict p = gh + b * 4 * H;
+    const int64_t H = pre.hidden;
+    const T* __restrict a = pre.gi + b * 4 * H;
+    const T* __restrict p = pre.gh + b * 4 * H;
     const T* __restrict c_row = c + b * H;
     T* __restrict h_new = h_out + b * H;
     T* __restrict c_new = c_out + b * H;
@@ -143,26 +155,19 @@ struct LstmStep {
 
 template <typename T>
 struct GruStep {
-  int64_t batch, input, hidden;
-  const T *x, *h, *w_ih, *w_hh, *b_ih, *b_hh;  // x (B, I), h (B, H), weights (3H, .)
-  T *gi, *gh;                                   // (B, 3H) scratch
-  T* h_out;                                     // (B, H)
+  GateProjections<T> pre;  // 3 gates
+  T* h_out;                // (B, H)
 
   void operator()(int64_t j0, int64_t j1) const {
-    const int64_t n = j1 - j0, width = 3 * hidden;
-    for (int64_t q = 0; q < 3; ++q) {
-      const int64_t row0 = q * hidden + j0;
-      project_rows(w_ih, input, row0, n, b_ih, x, batch, gi + row0, width);
-      project_rows(w_hh, hidden, row0, n, b_hh, h, batch, gh + row0, width);
-    }
-    for (int64_t b = 0; b < batch; ++b) cell_row(b, j0, j1);
+    pre(j0, j1);
+    for (int64_t b = 0; b < pre.batch; ++b) cell_row(b, j0, j1);
   }
 
   RNNKERN_VECTORIZED void cell_row(int64_t b, int64_t j0, int64_t j1) const {
-    const int64_t H = hidden;
-    const T* __restrict a = gi + b * 3 * H;
-    const T* __restrict p = gh + b * 3 * H;
-    const T* __restrict h_row = h + b * H;
+    const int64_t H = pre.hidden;
+    const T* __restrict a = pre.gi + b * 3 * H;
+    const T* __restrict p = pre.gh + b * 3 * H;
+    const T* __restrict h_row = pre.h + b * H;
     T* __restrict h_new = h_out + b * H;
 #pragma omp simd
     for (int64_t j = j0; j < j1; ++j) {
@@ -174,52 +179,52 @@ struct GruStep {
   }
 };
 
-at::Tensor contiguous(const at::Tensor& t) { return t.contiguous(); }
+// A step's operands made contiguous (absent biases undefined), and scratch for its gate
+// pre-activations.
+struct StepOperands {
+  at::Tensor x, h, w_ih, w_hh, b_ih, b_hh, gi, gh;
+  int64_t gates;
 
-std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-}
+  StepOperands(const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
+               const std::optional<at::Tensor>& b_ih_in, const std::optional<at::Tensor>& b_hh_in, int64_t gates)
+      : x(x_in.contiguous()), h(h_in.contiguous()), w_ih(w_ih_in.contiguous()), w_hh(w_hh_in.contiguous()),
+        b_ih(b_ih_in.has_value() ? b_ih_in->contiguous() : at::Tensor()),
+        b_hh(b_hh_in.has_value() ? b_hh_in->contiguous() : at::Tensor()),
+        gi(at::empty({x.size(0), gates * h.size(1)}, x.options())), gh(at::empty_like(gi)), gates(gates) {}
+
+  template <typename T>
+  GateProjections<T> projections() const {
+    return {x.size(0), x.size(1), h.size(1), gates, x.data_ptr<T>(), h.data_ptr<T>(), w_ih.data_ptr<T>(),
+            w_hh.data_ptr<T>(), data_or_null<T>(b_ih), data_or_null<T>(b_hh), gi.data_ptr<T>(), gh.data_ptr<T>()};
+  }
+};
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> lstm_step_cpu(
-    const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& c_in, const at::Tensor& w_ih_in,
-    const at::Tensor& w_hh_in, const std::optional<at::Tensor>& b_ih_in, const std::optional<at::Tensor>& b_hh_in) {
-  check_step_inputs("lstm_step", x_in, h_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, 4);
-  cpu::check_tensor("lstm_step", "c", c_in, h_in.sizes(), x_in.scalar_type());
-  const at::Tensor x = contiguous(x_in), h = contiguous(h_in), c = contiguous(c_in);
-  const at::Tensor w_ih = contiguous(w_ih_in), w_hh = contiguous(w_hh_in);
-  const auto b_ih = contiguous(b_ih_in), b_hh = contiguous(b_hh_in);
-  const int64_t batch = x.size(0), input = x.size(1), hidden = h.size(1);
-  at::Tensor gi = at::empty({batch, 4 * hidden}, x.options()), gh = at::empty_like(gi);
-  at::Tensor h_out = at::empty_like(h), c_out = at::empty_like(c);
+    const at::Tensor& x, const at::Tensor& h, const at::Tensor& c_in, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  check_step_inputs("lstm_step", x, h, w_ih, w_hh, b_ih, b_hh, 4);
+  cpu::check_tensor("lstm_step", "c", c_in, h.sizes(), x.scalar_type());
+  const StepOperands operands(x, h, w_ih, w_hh, b_ih, b_hh, 4);
+  const at::Tensor c = c_in.contiguous();
+  at::Tensor h_out = at::empty_like(operands.h), c_out = at::empty_like(c);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_step_cpu", [&] {
-    const LstmStep<scalar_t> step{
-        batch, input, hidden, x.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
-        w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), data_or_null<scalar_t>(b_ih),
-        data_or_null<scalar_t>(b_hh), gi.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(),
-        h_out.data_ptr<scalar_t>(), c_out.data_ptr<scalar_t>()};
-    at::parallel_for(0, hidden, kMinUnitsPerThread, step);
+    const LstmStep<scalar_t> step{operands.projections<scalar_t>(), c.data_ptr<scalar_t>(),
+                                  h_out.data_ptr<scalar_t>(), c_out.data_ptr<scalar_t>()};
+    at::parallel_for(0, h.size(1), kMinUnitsPerThread, step);
   });
   return {h_out, c_out};
 }
 
-at::Tensor gru_step_cpu(const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& w_ih_in,
-                        const at::Tensor& w_hh_in, const std::optional<at::Tensor>& b_ih_in,
-                        const std::optional<at::Tensor>& b_hh_in) {
-  check_step_inputs("gru_step", x_in, h_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, 3);
-  const at::Tensor x = contiguous(x_in), h = contiguous(h_in);
-  const at::Tensor w_ih = contiguous(w_ih_in), w_hh = contiguous(w_hh_in);
-  const auto b_ih = contiguous(b_ih_in), b_hh = contiguous(b_hh_in);
-  const int64_t batch = x.size(0), input = x.size(1), hidden = h.size(1);
-  at::Tensor gi = at::empty({batch, 3 * hidden}, x.options()), gh = at::empty_like(gi);
-  at::Tensor h_out = at::empty_like(h);
+at::Tensor gru_step_cpu(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  check_step_inputs("gru_step", x, h, w_ih, w_hh, b_ih, b_hh, 3);
+  const StepOperands operands(x, h, w_ih, w_hh, b_ih, b_hh, 3);
+  at::Tensor h_out = at::empty_like(operands.h);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_step_cpu", [&] {
-    const GruStep<scalar_t> step{
-        batch, input, hidden, x.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(),
-        w_hh.data_ptr<scalar_t>(), data_or_null<scalar_t>(b_ih), data_or_null<scalar_t>(b_hh),
-        gi.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), h_out.data_ptr<scalar_t>()};
-    at::parallel_for(0, hidden, kMinUnitsPerThread, step);
+    const GruStep<scalar_t> step{operands.projections<scalar_t>(), h_out.data_ptr<scalar_t>()};
+    at::parallel_for(0, h.size(1), kMinUnitsPerThread, step);
   });
   return h_out;
 }
