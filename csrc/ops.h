@@ -58,13 +58,14 @@ selective_scan_bwd_cpu(const at::Tensor& u, const at::Tensor& delta, const at::T
                        const std::optional<at::Tensor>& initial_state, const at::Tensor& checkpoints,
                        const at::Tensor& grad_out, const at::Tensor& grad_last_state);
 
-// One-token steps for fp32/fp64 without autograd, the weights used in place: returns (h', c')
-// for the LSTM (no projection), h' for the GRU; biases optional.
-std::tuple<at::Tensor, at::Tensor> lstm_step_cpu(
+// One-token steps for fp32/fp64 without autograd, the weights used in place: returns
+// (y, h', c') for the LSTM (no projection), (y, h') for the GRU, y (B, 1, H) holding h' as
+// the layer's output; biases optional.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_step_cpu(
     const at::Tensor& x, const at::Tensor& h, const at::Tensor& c, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh);
 
-at::Tensor gru_step_cpu(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+std::tuple<at::Tensor, at::Tensor> gru_step_cpu(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
                         const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh);
 
 // One-token Mamba decode steps for fp32/fp64, the states updated in place (see

@@ -127,7 +127,7 @@ template <typename T>
 struct LstmStep {
   GateProjections<T> pre;  // 4 gates
   const T* c;              // (B, H)
-  T *h_out, *c_out;        // (B, H)
+  T *y, *h_out, *c_out;    // (B, 1, H), (B, H), (B, H): y holds h' too, as the layer's output
 
   void operator()(int64_t j0, int64_t j1) const {
     pre(j0, j1);
@@ -139,6 +139,7 @@ struct LstmStep {
     const T* __restrict a = pre.gi + b * 4 * H;
     const T* __restrict p = pre.gh + b * 4 * H;
     const T* __restrict c_row = c + b * H;
+    T* __restrict y_row = y + b * H;
     T* __restrict h_new = h_out + b * H;
     T* __restrict c_new = c_out + b * H;
 #pragma omp simd
@@ -148,7 +149,7 @@ struct LstmStep {
       const T g = cpu::tanh(a[2 * H + j] + p[2 * H + j]);
       const T o = cpu::sigmoid(a[3 * H + j] + p[3 * H + j]);
       c_new[j] = f * c_row[j] + i * g;
-      h_new[j] = o * cpu::tanh(c_new[j]);
+      y_row[j] = h_new[j] = o * cpu::tanh(c_new[j]);
     }
   }
 };
@@ -156,7 +157,7 @@ struct LstmStep {
 template <typename T>
 struct GruStep {
   GateProjections<T> pre;  // 3 gates
-  T* h_out;                // (B, H)
+  T *y, *h_out;            // (B, 1, H), (B, H): y holds h' too, as the layer's output
 
   void operator()(int64_t j0, int64_t j1) const {
     pre(j0, j1);
@@ -168,13 +169,14 @@ struct GruStep {
     const T* __restrict a = pre.gi + b * 3 * H;
     const T* __restrict p = pre.gh + b * 3 * H;
     const T* __restrict h_row = pre.h + b * H;
+    T* __restrict y_row = y + b * H;
     T* __restrict h_new = h_out + b * H;
 #pragma omp simd
     for (int64_t j = j0; j < j1; ++j) {
       const T r = cpu::sigmoid(a[j] + p[j]);
       const T z = cpu::sigmoid(a[H + j] + p[H + j]);
       const T n = cpu::tanh(a[2 * H + j] + r * p[2 * H + j]);
-      h_new[j] = (1 - z) * n + z * h_row[j];
+      y_row[j] = h_new[j] = (1 - z) * n + z * h_row[j];
     }
   }
 };
@@ -201,32 +203,34 @@ struct StepOperands {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> lstm_step_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_step_cpu(
     const at::Tensor& x, const at::Tensor& h, const at::Tensor& c_in, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
   check_step_inputs("lstm_step", x, h, w_ih, w_hh, b_ih, b_hh, 4);
   cpu::check_tensor("lstm_step", "c", c_in, h.sizes(), x.scalar_type());
   const StepOperands operands(x, h, w_ih, w_hh, b_ih, b_hh, 4);
   const at::Tensor c = c_in.contiguous();
+  at::Tensor y = x.new_empty({x.size(0), 1, h.size(1)});
   at::Tensor h_out = at::empty_like(operands.h), c_out = at::empty_like(c);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_step_cpu", [&] {
-    const LstmStep<scalar_t> step{operands.projections<scalar_t>(), c.data_ptr<scalar_t>(),
+    const LstmStep<scalar_t> step{operands.projections<scalar_t>(), c.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
                                   h_out.data_ptr<scalar_t>(), c_out.data_ptr<scalar_t>()};
     at::parallel_for(0, h.size(1), kMinUnitsPerThread, step);
   });
-  return {h_out, c_out};
+  return {y, h_out, c_out};
 }
 
-at::Tensor gru_step_cpu(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+std::tuple<at::Tensor, at::Tensor> gru_step_cpu(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
                         const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
   check_step_inputs("gru_step", x, h, w_ih, w_hh, b_ih, b_hh, 3);
   const StepOperands operands(x, h, w_ih, w_hh, b_ih, b_hh, 3);
+  at::Tensor y = x.new_empty({x.size(0), 1, h.size(1)});
   at::Tensor h_out = at::empty_like(operands.h);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_step_cpu", [&] {
-    const GruStep<scalar_t> step{operands.projections<scalar_t>(), h_out.data_ptr<scalar_t>()};
+    const GruStep<scalar_t> step{operands.projections<scalar_t>(), y.data_ptr<scalar_t>(), h_out.data_ptr<scalar_t>()};
     at::parallel_for(0, h.size(1), kMinUnitsPerThread, step);
   });
-  return h_out;
+  return {y, h_out};
 }
 
 }  // namespace rnnkern
