@@ -6,6 +6,11 @@ same weights (rnnkern loads torch's state_dict). What each direction times:
   fwd+bwd  ``module(x)`` then ``y.backward(grad)``, x and the parameters requiring grad
   step     one token: ``module(x_t, state)`` with x_t (B, 1, I) and the carried state,
            under torch.no_grad: the decoding / streaming call
+
+Peer, on a GPU when installed: FlashRNN's fused kernel (``flashrnn.flashrnn.flashrnn``),
+forward only, timed with the input projection (one F.linear) as the modules are. It gets
+torch.nn's weights reshaped to its (gates, heads, D, D) layout without reordering gates, so
+its outputs are not compared: the record is a timing of the same sizes, nothing more.
 """
 import functools
 from dataclasses import dataclass
@@ -74,7 +79,51 @@ def run_suite(kind: str, settings: Settings) -> list[dict[str, Any]]:
             ours = rnnkern_module(kind, baseline, backend)
             record = _measure(kind, backend, ours, case, settings)
             records.append({**record, "speedup_vs_torch": torch_record["ms_median"] / record["ms_median"]})
+        peer = FlashRNNPeer.create(kind, baseline, case)
+        if isinstance(peer, str):
+            records.append({**_identity(kind, "flashrnn", case), "skipped": peer})
+        elif peer is not None:
+            record = _measure(kind, "flashrnn", peer, case, settings)
+            records.append({**record, "speedup_vs_torch": torch_record["ms_median"] / record["ms_median"]})
     return records
+
+
+class FlashRNNPeer(torch.nn.Module):
+    """FlashRNN's fused LSTM/GRU with the sizes (and weights, not remapped) of `reference`."""
+
+    def __init__(self, kind: str, reference: torch.nn.Module, flashrnn: Callable) -> None:
+        super().__init__()
+        self.kind, self.reference, self.flashrnn = kind, reference, flashrnn
+
+    @classmethod
+    def create(cls, kind: str, reference: torch.nn.Module, case: Case):
+        """The peer; None where it does not apply (no GPU, not installed, not a forward);
+        a string saying why when it is installed but fails on a small probe input."""
+        if case.device.type != "cuda" or case.direction != "fwd":
+            return None
+        try:
+            from flashrnn.flashrnn import flashrnn
+        except ImportError:
+            return None
+        peer = cls(kind, reference, flashrnn)
+        try:
+            with torch.no_grad():
+                peer(torch.zeros((1, 2, reference.input_size), dtype=case.dtype, device=case.device))
+        except (RuntimeError, TypeError, ValueError) as err:
+            return f"flashrnn refused a probe input: {type(err).__name__}: {err}"
+        return peer
+
+    def forward(self, x: torch.Tensor, state=None):
+        """x (B, T, I) -> FlashRNN's outputs; `state` is ignored (zeros)."""
+        gates, hidden = GATES[self.kind], self.reference.hidden_size
+        batch, steps, _ = x.shape
+        wx = torch.nn.functional.linear(x, self.reference.weight_ih_l0, self.reference.bias_ih_l0)
+        return self.flashrnn(
+            Wx=wx.view(batch, steps, gates, 1, hidden),  # (B, T, gates, heads, D)
+            R=self.reference.weight_hh_l0.view(gates, 1, hidden, hidden),
+            b=self.reference.bias_hh_l0.view(gates, 1, hidden),
+            function=self.kind, backend="cuda_fused", dtype=str(x.dtype).removeprefix("torch."),
+        )
 
 
 def torch_module(kind: str, case: Case) -> torch.nn.Module:
