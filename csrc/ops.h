@@ -58,6 +58,9 @@ selective_scan_bwd_cpu(const at::Tensor& u, const at::Tensor& delta, const at::T
                        const std::optional<at::Tensor>& initial_state, const at::Tensor& checkpoints,
                        const at::Tensor& grad_out, const at::Tensor& grad_last_state);
 
+// x (..., K) W^T + bias for a weight W (N, K): a recurrent layer's input projection.
+at::Tensor input_projection_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
 // One-token steps for fp32/fp64 without autograd, the weights used in place: returns
 // (y, h', c') for the LSTM (no projection), (y, h') for the GRU, y (B, 1, H) holding h' as
 // the layer's output; biases optional.

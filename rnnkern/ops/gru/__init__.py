@@ -2,11 +2,11 @@
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from rnnkern import _backends
 from rnnkern.ops import _checks
+from rnnkern.ops._projection import input_projection
 from rnnkern.ops._sequences import previous_states, takes_step_kernel
 from rnnkern.ops.gru import reference
 from rnnkern.ops.lstm import _weight_grad, _zeros_if_none
@@ -140,7 +140,7 @@ def gru_layer(
         t is not None and t.requires_grad for t in (x, h0, w_ih, w_hh, b_ih, b_hh))
     if takes_step_kernel(name, x, lengths, training):
         return torch.ops.rnnkern_C.gru_step(x[:, 0], h0, w_ih, w_hh, b_ih, b_hh)  # (B, 1, H), (B, H)
-    gx = F.linear(x, w_ih, b_ih)  # (B, T, 3H)
+    gx = input_projection(x, w_ih, b_ih, name)  # (B, T, 3H)
     y, h_n, _, _ = _gru_op(gx, h0, w_hh, b_hh, lengths, reverse, training, name)
     return y, h_n
 

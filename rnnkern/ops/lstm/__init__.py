@@ -2,11 +2,11 @@
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from rnnkern import _backends
 from rnnkern.ops import _checks
+from rnnkern.ops._projection import input_projection
 from rnnkern.ops._sequences import previous_states, takes_step_kernel
 from rnnkern.ops.lstm import reference
 from rnnkern.ops.lstm.reference import state_dtype
@@ -157,7 +157,7 @@ def lstm_layer(
     if w_hr is None and takes_step_kernel(name, x, lengths, training):
         y, h_n, c_n = torch.ops.rnnkern_C.lstm_step(x[:, 0], h0, c0, w_ih, w_hh, b_ih, b_hh)  # (B, 1, H), (B, H)
         return y, (h_n, c_n)
-    gx = F.linear(x, w_ih, _combined_bias(b_ih, b_hh))  # (B, T, 4H)
+    gx = input_projection(x, w_ih, _combined_bias(b_ih, b_hh), name)  # (B, T, 4H)
     y, h_n, c_n, _, _ = _lstm_op(gx, h0, c0, w_hh, w_hr, lengths, reverse, training, name)
     return y, (h_n, c_n)
 

@@ -1,0 +1,59 @@
+"""The recurrent layers' input projection (rnnkern/ops/_projection.py) against F.linear."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rnnkern import _backends
+from rnnkern.ops import _projection
+from tests.tolerances import assert_close
+
+needs_kernel = pytest.mark.skipif(
+    _backends.compiled_kernel_reason("input_projection", torch.device("cpu")) is not None,
+    reason="rnnkern._C has no input_projection kernel",
+)
+
+
+def _inputs(rows: int, dtype=torch.float32, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((2, rows // 2, 37), generator=gen, dtype=dtype)  # K = 37: not a multiple of a vector
+    weight = torch.randn((300, 37), generator=gen, dtype=dtype)  # N = 300: not a multiple of the panel
+    return x, weight, torch.randn(300, generator=gen, dtype=dtype) if bias else None
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("rows", [_projection.MIN_ROWS, 4098])
+def test_matches_linear_with_gradients(rows, bias):
+    x, weight, b = _inputs(rows, bias=bias)
+    leaves = [t.requires_grad_() for t in (x, weight, b) if t is not None]
+    got = _projection.input_projection(x, weight, b, "cpu")
+    want = F.linear(x, weight, b)
+    assert_close(got, want, torch.float32, "output")
+    cotangent = torch.randn_like(want)
+    for name, g, w in zip(["x", "weight", "bias"], torch.autograd.grad(got, leaves, cotangent),
+                          torch.autograd.grad(want, leaves, cotangent)):
+        assert_close(g, w, torch.float32, f"grad of {name}")
+
+
+def _ran_kernel(run) -> bool:
+    with torch.autograd.profiler.profile() as prof:
+        run()
+    return any(event.name == "rnnkern_C::input_projection" for event in prof.function_events)
+
+
+@needs_kernel
+def test_the_kernel_runs_only_where_it_pays():
+    big, small = _inputs(_projection.MIN_ROWS), _inputs(_projection.MIN_ROWS - 2)
+    assert _ran_kernel(lambda: _projection.input_projection(*big, "cpu"))
+    assert not _ran_kernel(lambda: _projection.input_projection(*small, "cpu"))
+    assert not _ran_kernel(lambda: _projection.input_projection(*big, "reference"))
+    bf16 = [t.bfloat16() for t in big]
+    assert not _ran_kernel(lambda: _projection.input_projection(*bf16, "cpu"))
+
+
+@needs_kernel
+def test_gradcheck_and_opcheck():
+    x, weight, b = _inputs(6, dtype=torch.float64)  # the op's own autograd, the GEMM in fp64
+    leaves = [t.requires_grad_() for t in (x, weight, b)]
+    assert torch.autograd.gradcheck(_projection._projection_op, leaves)
+    torch.library.opcheck(_projection._projection_op, _inputs(8))
