@@ -4,9 +4,14 @@
 # there), run the whole test suite on cuda tensors, then the benchmark suite. Everything
 # lands in $OUT (default ./gpu-out): env.txt, build.log, tests.log, results.json, plots.
 #   bash benchmarks/gpu_session.sh [extra arguments for benchmarks/run.py]
+# STEPS picks phases where one call must stay short (a device command may be capped), e.g.
+#   STEPS="build tests aot" bash benchmarks/gpu_session.sh
+#   STEPS="build bench" bash benchmarks/gpu_session.sh --quick
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
+steps=" ${STEPS:-build tests aot bench} "
+wants() { [[ "$steps" == *" $1 "* ]]; }
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -19,16 +24,24 @@ status=0
   nvcc --version | tail -1
 } 2>&1 | tee "$out/env.txt"
 
-echo "::: build"
-python3 setup.py build_ext --inplace >"$out/build.log" 2>&1 || { status=1; tail -30 "$out/build.log"; }
+if wants build; then
+  echo "::: build"
+  python3 setup.py build_ext --inplace >"$out/build.log" 2>&1 || { status=1; tail -30 "$out/build.log"; }
+fi
 
-echo "::: tests (cuda tensors included)"
-python3 -m pytest -q -rs tests 2>&1 | tee "$out/tests.log" | tail -25
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if wants tests; then
+  echo "::: tests (cuda tensors included)"
+  python3 -m pytest -q -rs tests 2>&1 | tee "$out/tests.log" | tail -25
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
-echo "::: ahead-of-time compile report"
-python3 -m rnnkern.aot 2>&1 | tee "$out/aot.txt" | tail -20
+if wants aot; then
+  echo "::: ahead-of-time compile report"
+  python3 -m rnnkern.aot 2>&1 | tee "$out/aot.txt" | tail -20
+fi
 
-echo "::: benchmarks"
-python3 benchmarks/run.py --device cuda --out "$out" "$@" || status=1
+if wants bench; then
+  echo "::: benchmarks"
+  python3 benchmarks/run.py --device cuda --out "$out" "$@" || status=1
+fi
 exit $status
