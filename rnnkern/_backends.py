@@ -70,6 +70,8 @@ def device_reason(name: str, device: torch.device) -> Optional[str]:
     return None
 
 
+# Cached: what rnnkern._C registers is fixed once unavailable_reason has imported it.
+@functools.lru_cache(maxsize=None)
 def compiled_kernel_reason(op: str, device: torch.device) -> Optional[str]:
     """Why rnnkern._C has no kernel for `op` on `device`, or None if it has one."""
     key = "CUDA" if device.type == "cuda" else "CPU"
@@ -81,6 +83,19 @@ def compiled_kernel_reason(op: str, device: torch.device) -> Optional[str]:
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"rnnkern_C::{op}", key):
         return f"rnnkern._C was built without a {key} kernel for {op}"
     return None
+
+
+def kernels(op: str, backend: str, reference) -> tuple[Callable, ...]:
+    """(forward, backward) of `op` on `backend`, all with the reference's signatures: the
+    functions ``{op}_fwd`` and ``{op}_bwd`` of the `reference` module, of rnnkern._C (cpu and
+    cuda) or of ``rnnkern.ops.{op}.triton`` (imported on first use: it needs triton)."""
+    if backend == "reference":
+        source = reference
+    elif backend in ("cpu", "cuda"):
+        source = torch.ops.rnnkern_C
+    else:
+        source = importlib.import_module(f"rnnkern.ops.{op}.triton")
+    return getattr(source, f"{op}_fwd"), getattr(source, f"{op}_bwd")
 
 
 def kernel_support(compiled_kernel: str) -> SupportCheck:

@@ -322,15 +322,14 @@ def test_compile_fullgraph_with_inductor():
         assert_close(torch.compile(model, fullgraph=True)(x), model(x), torch.float32, "output")
 
 
-def test_triton_backend_matches_reference():
+TRITON = [p for p in backend_params("selective_scan", "selective_scan_fwd") if p.values[1] == "triton"]
+
+
+@pytest.mark.parametrize("device,backend", TRITON)
+def test_triton_backend_matches_reference(device, backend):
     """One tiny case of the Triton kernels (interpreted on CPU without a GPU) inside the block."""
-    params = [p for p in backend_params("selective_scan", "selective_scan_fwd") if p.values[1] == "triton"]
-    runnable = [p for p in params if not any(mark.name == "skip" for mark in p.marks)]
-    if not runnable:
-        pytest.skip(params[0].marks[0].kwargs["reason"])
-    device = runnable[-1].values[0]  # a GPU when there is one
     config = dict(d_model=6, d_state=2, d_conv=2)
-    triton_block = make_block(config, device, dtype=torch.float32, backend="triton")
+    triton_block = make_block(config, device, dtype=torch.float32, backend=backend)
     reference_block = make_block(config, device, dtype=torch.float32, backend="reference")
     x = sequence(1, 5, triton_block)
     params = dict(triton_block.named_parameters())

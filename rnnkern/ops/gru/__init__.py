@@ -17,13 +17,7 @@ __all__ = ["gru_layer", "gru_cell"]
 
 def _kernels(backend: str):
     """(forward, backward) of `backend`, with reference.py's signatures."""
-    if backend == "reference":
-        return reference.gru_fwd, reference.gru_bwd
-    if backend in ("cpu", "cuda"):
-        return torch.ops.rnnkern_C.gru_fwd, torch.ops.rnnkern_C.gru_bwd
-    from rnnkern.ops.gru import triton as triton_kernels
-
-    return triton_kernels.gru_fwd, triton_kernels.gru_bwd
+    return _backends.kernels("gru", backend, reference)
 
 
 _supports = _backends.kernel_support("gru_fwd")

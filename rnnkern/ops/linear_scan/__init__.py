@@ -13,14 +13,8 @@ __all__ = ["linear_scan"]
 
 
 def _kernels(backend: str):
-    """(forward, backward) functions of `backend`, all with reference.py's signatures."""
-    if backend == "reference":
-        return reference.linear_scan_fwd, reference.linear_scan_bwd
-    if backend in ("cpu", "cuda"):
-        return torch.ops.rnnkern_C.linear_scan_fwd, torch.ops.rnnkern_C.linear_scan_bwd
-    from rnnkern.ops.linear_scan import triton as triton_kernels
-
-    return triton_kernels.linear_scan_fwd, triton_kernels.linear_scan_bwd
+    """(forward, backward) of `backend`, with reference.py's signatures."""
+    return _backends.kernels("linear_scan", backend, reference)
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,13 +16,7 @@ __all__ = ["lstm_layer", "lstm_cell"]
 
 def _kernels(backend: str):
     """(forward, backward) of `backend`, with reference.py's signatures."""
-    if backend == "reference":
-        return reference.lstm_fwd, reference.lstm_bwd
-    if backend in ("cpu", "cuda"):
-        return torch.ops.rnnkern_C.lstm_fwd, torch.ops.rnnkern_C.lstm_bwd
-    from rnnkern.ops.lstm import triton as triton_kernels
-
-    return triton_kernels.lstm_fwd, triton_kernels.lstm_bwd
+    return _backends.kernels("lstm", backend, reference)
 
 
 _supports = _backends.kernel_support("lstm_fwd")

@@ -13,14 +13,8 @@ __all__ = ["CHUNK", "selective_scan", "selective_state_update", "state_dtype"]
 
 
 def _kernels(backend: str):
-    """(forward, backward) functions of `backend`, all with reference.py's signatures."""
-    if backend == "reference":
-        return reference.selective_scan_fwd, reference.selective_scan_bwd
-    if backend in ("cpu", "cuda"):
-        return torch.ops.rnnkern_C.selective_scan_fwd, torch.ops.rnnkern_C.selective_scan_bwd
-    from rnnkern.ops.selective_scan import triton as triton_kernels
-
-    return triton_kernels.selective_scan_fwd, triton_kernels.selective_scan_bwd
+    """(forward, backward) of `backend`, with reference.py's signatures."""
+    return _backends.kernels("selective_scan", backend, reference)
 
 
 _supports = _backends.kernel_support("selective_scan_fwd")
