@@ -42,6 +42,7 @@ TORCH_LIBRARY(rnnkern_C, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("gru_step(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> (Tensor, Tensor)");
   m.def("input_projection(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("panel_matmul(Tensor a, Tensor b) -> Tensor");
   m.def("causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu) -> Tensor");
   m.def(
       "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
@@ -60,6 +61,7 @@ TORCH_LIBRARY_IMPL(rnnkern_C, CPU, m) {
   m.impl("lstm_step", &rnnkern::lstm_step_cpu);
   m.impl("gru_step", &rnnkern::gru_step_cpu);
   m.impl("input_projection", &rnnkern::input_projection_cpu);
+  m.impl("panel_matmul", &rnnkern::panel_matmul_cpu);
   m.impl("causal_conv1d_update", &rnnkern::causal_conv1d_update_cpu);
   m.impl("selective_state_update", &rnnkern::selective_state_update_cpu);
 }

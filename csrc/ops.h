@@ -61,6 +61,10 @@ selective_scan_bwd_cpu(const at::Tensor& u, const at::Tensor& delta, const at::T
 // x (..., K) W^T + bias for a weight W (N, K): a recurrent layer's input projection.
 at::Tensor input_projection_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
+// a (M, K) @ b (K, N) in float on the AVX2 panel kernel (cpu/panel_gemm.h), whichever GEMM the
+// recurrences prefer on this CPU: it lets the tests check the kernel on any CPU that has AVX2.
+at::Tensor panel_matmul_cpu(const at::Tensor& a, const at::Tensor& b);
+
 // One-token steps for fp32/fp64 without autograd, the weights used in place: returns
 // (y, h', c') for the LSTM (no projection), (y, h') for the GRU, y (B, 1, H) holding h' as
 // the layer's output; biases optional.

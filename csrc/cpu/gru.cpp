@@ -25,7 +25,7 @@ struct GruForward {
   int64_t steps, hidden;
   Schedule schedule;
   Rows<const scalar_t> gx;  // (B, T, 3H)
-  cpu::TransposedWeight<acc_t> w_hh;  // W_hh (3H, H)
+  cpu::RightOperand<acc_t> w_hh_t;  // W_hh^T (H, 3H)
   const acc_t* b_hh;        // (3H,), zeros when the layer has none
   Rows<scalar_t> y;         // (B, T, H)
   acc_t* gates;             // (B, T, 3H) activated r, z, n; (B, 1, 3H) scratch when not kept
@@ -38,7 +38,7 @@ struct GruForward {
   void run(int64_t r0, int64_t r1) {
     const int64_t width = kGates * hidden;
     for (int64_t s = 0; s < steps; ++s) {
-      w_hh.multiply(r1 - r0, h + r0 * hidden, hidden, gh + r0 * width, width);
+      w_hh_t.multiply(r1 - r0, h + r0 * hidden, hidden, gh + r0 * width, width);
       for (int64_t b = r0; b < r1; ++b) cell_row(b, s);
     }
   }
@@ -80,7 +80,7 @@ template <typename acc_t>
 struct GruBackward {
   int64_t steps, hidden;
   Schedule schedule;
-  const acc_t* w_hh;         // (3H, H)
+  cpu::RightOperand<acc_t> w_hh;  // W_hh (3H, H)
   const acc_t* gates;        // (B, T, 3H) activated r, z, n
   const acc_t* ghn;          // (B, T, H)
   Rows<const acc_t> h_prev;  // (B, T, H) the state each step started from
@@ -106,7 +106,7 @@ struct GruBackward {
   // dh_rec = d_gh W_hh on rows [r0, r1)
   void recurrent_gemm(int64_t r0, int64_t r1) {
     const int64_t width = kGates * hidden;
-    cpu::gemm(r1 - r0, hidden, width, d_pre + r0 * width, width, w_hh, hidden, dh_rec + r0 * hidden, hidden);
+    w_hh.multiply(r1 - r0, d_pre + r0 * width, width, dh_rec + r0 * hidden, hidden);
   }
 
   RNNKERN_VECTORIZED void cell_row(int64_t b, int64_t s) {
@@ -160,7 +160,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd_cpu(
 
   const auto acc = at::toOpMathType(dtype);
   const auto acc_options = gx.options().dtype(acc);
-  const at::Tensor w_hh_operand = cpu::weight_operand(w_hh, acc, steps);
   const at::Tensor bias = b_hh.has_value() ? b_hh->to(acc).contiguous() : at::zeros({kGates * hidden}, acc_options);
   at::Tensor y = at::empty({batch, steps, hidden}, gx.options());
   const int64_t kept_steps = training ? steps : 1;  // without a backward, one scratch slot per row
@@ -173,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     GruForward<scalar_t, acc_t> kernel{
         steps, hidden, Schedule::of(lens, steps, reverse), Rows<const scalar_t>::of(gx),
-        cpu::TransposedWeight<acc_t>::of(w_hh_operand, kGates * hidden, hidden, steps), bias.data_ptr<acc_t>(),
+        cpu::RightOperand<acc_t>::of(w_hh.to(acc).t(), steps), bias.data_ptr<acc_t>(),
         Rows<scalar_t>::of(y), gates.data_ptr<acc_t>(), ghn.data_ptr<acc_t>(), training, h.data_ptr<acc_t>(),
         gh.data_ptr<acc_t>()};
     cpu::for_each_row_group(batch, [&](int64_t r0, int64_t r1) { kernel.run(r0, r1); });
@@ -202,7 +201,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd_cpu(
   const at::Tensor gates = gates_in.contiguous(), ghn = ghn_in.contiguous();
   const at::Tensor h_prev = cpu::unit_last_stride(h_prev_in.to(acc));
   const at::Tensor grad_y = cpu::unit_last_stride(grad_y_in.to(acc));
-  const at::Tensor w_hh_acc = w_hh.to(acc).contiguous();
   at::Tensor d_gx = at::empty({batch, steps, kGates * hidden}, acc_options);
   at::Tensor d_gh = at::empty({batch, steps, kGates * hidden}, acc_options);
   at::Tensor grad_h0 = at::empty({batch, hidden}, acc_options);
@@ -212,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd_cpu(
 
   AT_DISPATCH_FLOATING_TYPES(acc, "gru_bwd_cpu", [&] {
     GruBackward<scalar_t> kernel{
-        steps, hidden, Schedule::of(lens, steps, reverse), w_hh_acc.data_ptr<scalar_t>(),
+        steps, hidden, Schedule::of(lens, steps, reverse), cpu::RightOperand<scalar_t>::of(w_hh.to(acc), steps + 1),
         gates.data_ptr<scalar_t>(), ghn.data_ptr<scalar_t>(), Rows<const scalar_t>::of(h_prev),
         Rows<const scalar_t>::of(grad_y), d_gx.data_ptr<scalar_t>(), d_gh.data_ptr<scalar_t>(),
         grad_h0.data_ptr<scalar_t>(), dh_direct.data_ptr<scalar_t>(), dh_rec.data_ptr<scalar_t>(),

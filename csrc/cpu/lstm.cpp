@@ -10,6 +10,7 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <optional>
 
 #include "../ops.h"
 #include "recurrence.h"
@@ -27,8 +28,8 @@ struct LstmForward {
   int64_t steps, hidden, proj;
   Schedule schedule;
   Rows<const scalar_t> gx;  // (B, T, 4H)
-  cpu::TransposedWeight<acc_t> w_hh;  // W_hh (4H, P)
-  const cpu::TransposedWeight<acc_t>* w_hr;  // W_hr (P, H), or null
+  cpu::RightOperand<acc_t> w_hh_t;  // W_hh^T (P, 4H)
+  const cpu::RightOperand<acc_t>* w_hr_t;  // W_hr^T (H, P), or null
   Rows<scalar_t> y;         // (B, T, P)
   acc_t* gates;             // (B, T, 4H) activated; (B, 1, 4H) scratch when not kept
   acc_t* cells;             // (B, T, H); (B, 1, H) scratch when not kept
@@ -43,11 +44,11 @@ struct LstmForward {
   void run(int64_t r0, int64_t r1) {
     const int64_t rows = r1 - r0, width = kGates * hidden;
     for (int64_t s = 0; s < steps; ++s) {
-      w_hh.multiply(rows, h + r0 * proj, proj, pre + r0 * width, width);
+      w_hh_t.multiply(rows, h + r0 * proj, proj, pre + r0 * width, width);
       for (int64_t b = r0; b < r1; ++b) cell_row(b, s);
       const acc_t* h_new = m;  // (B, P)
-      if (w_hr) {
-        w_hr->multiply(rows, m + r0 * hidden, hidden, projected + r0 * proj, proj);
+      if (w_hr_t) {
+        w_hr_t->multiply(rows, m + r0 * hidden, hidden, projected + r0 * proj, proj);
         h_new = projected;
       }
       for (int64_t b = r0; b < r1; ++b) emit_row(b, s, h_new + b * proj);
@@ -108,8 +109,8 @@ template <typename acc_t>
 struct LstmBackward {
   int64_t steps, hidden, proj;
   Schedule schedule;
-  const acc_t* w_hh;         // (4H, P)
-  const acc_t* w_hr;         // (P, H), or null
+  cpu::RightOperand<acc_t> w_hh;         // W_hh (4H, P)
+  const cpu::RightOperand<acc_t>* w_hr;  // W_hr (P, H), or null
   const acc_t* c0;           // (B, H)
   const acc_t* gates;        // (B, T, 4H) activated i, f, g, o
   const acc_t* cells;        // (B, T, H)
@@ -131,7 +132,7 @@ struct LstmBackward {
       for (int64_t b = r0; b < r1; ++b) gather_row(b, s);
       const acc_t* d_m = dh;  // (B, H)
       if (w_hr) {
-        cpu::gemm(rows, hidden, proj, dh + r0 * proj, proj, w_hr, hidden, dm + r0 * hidden, hidden);
+        w_hr->multiply(rows, dh + r0 * proj, proj, dm + r0 * hidden, hidden);
         d_m = dm;
       }
       for (int64_t b = r0; b < r1; ++b) cell_row(b, s, d_m + b * hidden);
@@ -146,7 +147,7 @@ struct LstmBackward {
   // dh_rec = d_gates W_hh on rows [r0, r1)
   void recurrent_gemm(int64_t r0, int64_t r1) {
     const int64_t width = kGates * hidden;
-    cpu::gemm(r1 - r0, proj, width, d_pre + r0 * width, width, w_hh, proj, dh_rec + r0 * proj, proj);
+    w_hh.multiply(r1 - r0, d_pre + r0 * width, width, dh_rec + r0 * proj, proj);
   }
 
   RNNKERN_VECTORIZED void gather_row(int64_t b, int64_t s) {
@@ -217,8 +218,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_
 
   const auto acc = at::toOpMathType(dtype);
   const auto acc_options = gx.options().dtype(acc);
-  const at::Tensor w_hh_operand = cpu::weight_operand(w_hh, acc, steps);
-  const at::Tensor w_hr_operand = w_hr.has_value() ? cpu::weight_operand(*w_hr, acc, steps) : at::Tensor();
   at::Tensor y = at::empty({batch, steps, proj}, gx.options());
   const int64_t kept_steps = training ? steps : 1;  // without a backward, one scratch slot per row
   at::Tensor gates = at::empty({batch, kept_steps, kGates * hidden}, acc_options);
@@ -231,13 +230,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lstm_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    using Weight = cpu::TransposedWeight<acc_t>;
-    const Weight projection =
-        w_hr_operand.defined() ? Weight::of(w_hr_operand, proj, hidden, steps) : Weight{nullptr, 0, 0, false};
+    using Operand = cpu::RightOperand<acc_t>;
+    const std::optional<Operand> w_hr_t =
+        w_hr.has_value() ? std::optional(Operand::of(w_hr->to(acc).t(), steps)) : std::nullopt;
     LstmForward<scalar_t, acc_t> kernel{
         steps, hidden, proj, Schedule::of(lens, steps, reverse), Rows<const scalar_t>::of(gx),
-        Weight::of(w_hh_operand, kGates * hidden, proj, steps), w_hr_operand.defined() ? &projection : nullptr,
-        Rows<scalar_t>::of(y),
+        Operand::of(w_hh.to(acc).t(), steps), w_hr_t ? &*w_hr_t : nullptr, Rows<scalar_t>::of(y),
         gates.data_ptr<acc_t>(), cells.data_ptr<acc_t>(), training, c.data_ptr<acc_t>(), h.data_ptr<acc_t>(),
         pre.data_ptr<acc_t>(), m.data_ptr<acc_t>(), projected.data_ptr<acc_t>()};
     cpu::for_each_row_group(batch, [&](int64_t r0, int64_t r1) { kernel.run(r0, r1); });
@@ -270,8 +268,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd_cpu(
   const auto acc_options = gates_in.options();
   const at::Tensor gates = gates_in.contiguous(), cells = cells_in.contiguous();
   const at::Tensor grad_y = cpu::unit_last_stride(grad_y_in.to(acc));
-  const at::Tensor w_hh_acc = w_hh.to(acc).contiguous();
-  const at::Tensor w_hr_acc = w_hr.has_value() ? w_hr->to(acc).contiguous() : at::Tensor();
   const at::Tensor c0_acc = c0.to(acc).contiguous(), grad_h_n_acc = grad_h_n.to(acc).contiguous();
   at::Tensor d_gates = at::empty({batch, steps, kGates * hidden}, acc_options);
   at::Tensor d_h = at::empty({batch, steps, proj}, acc_options);
@@ -283,9 +279,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd_cpu(
   at::Tensor d_pre = at::empty({batch, kGates * hidden}, acc_options);
 
   AT_DISPATCH_FLOATING_TYPES(acc, "lstm_bwd_cpu", [&] {
+    using Operand = cpu::RightOperand<scalar_t>;
+    const int64_t uses = steps + 1;
+    const std::optional<Operand> w_hr_operand =
+        w_hr.has_value() ? std::optional(Operand::of(w_hr->to(acc), uses)) : std::nullopt;
     LstmBackward<scalar_t> kernel{
-        steps, hidden, proj, Schedule::of(lens, steps, reverse), w_hh_acc.data_ptr<scalar_t>(),
-        w_hr_acc.defined() ? w_hr_acc.data_ptr<scalar_t>() : nullptr, c0_acc.data_ptr<scalar_t>(),
+        steps, hidden, proj, Schedule::of(lens, steps, reverse), Operand::of(w_hh.to(acc), uses),
+        w_hr_operand ? &*w_hr_operand : nullptr, c0_acc.data_ptr<scalar_t>(),
         gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(), Rows<const scalar_t>::of(grad_y),
         grad_h_n_acc.data_ptr<scalar_t>(), d_gates.data_ptr<scalar_t>(), d_h.data_ptr<scalar_t>(),
         grad_h0.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(),

@@ -6,30 +6,36 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/bit_cast.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
+
+#include "panel_gemm.h"
 
 namespace rnnkern::cpu {
 
 // ---------------------------------------------------------------------------------------
 // Activations. The float versions are branch-free, so `#pragma omp simd` loops over them
 // vectorise; they stay within 2.5 ulp of the exact value, like ATen's own. The double
-// versions are the C library's.
+// versions are the C library's. The float ones are forced inline: GCC otherwise leaves
+// exp_clamped as a call (it is called five times per LSTM unit), and a loop with a call in it
+// stays scalar.
 
 // cond ? a : b as a bit blend: under the default -ftrapping-math the compiler keeps a ?:
 // between floating-point values as a branch, and the loop around it scalar.
-inline float select(bool cond, float a, float b) {
+C10_ALWAYS_INLINE float select(bool cond, float a, float b) {
   const uint32_t mask = 0u - static_cast<uint32_t>(cond);
   return c10::bit_cast<float>((c10::bit_cast<uint32_t>(a) & mask) | (c10::bit_cast<uint32_t>(b) & ~mask));
 }
 
 // e^x for float x clamped to [-87, 88], where e^x is a normal float; the clamp saturates
 // sigmoid and tanh correctly, and NaN goes through.
-inline float exp_clamped(float x) {
+C10_ALWAYS_INLINE float exp_clamped(float x) {
   constexpr float kLog2e = 1.44269504f;
   constexpr float kLn2High = 0.693359375f;  // ln 2 = kLn2High + kLn2Low; n * kLn2High is exact
   constexpr float kLn2Low = -2.12194440e-4f;
@@ -52,12 +58,12 @@ inline float exp_clamped(float x) {
   return p * c10::bit_cast<float>(biased << 23);
 }
 
-inline float sigmoid(float x) { return 1.0f / (1.0f + exp_clamped(-x)); }
+C10_ALWAYS_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_clamped(-x)); }
 inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 // tanh: an odd Taylor polynomial (to x^17) near 0, (1 - e^{-2|x|}) / (1 + e^{-2|x|}) elsewhere;
 // 0.625 is where both stay below 2 ulp.
-inline float tanh(float x) {
+C10_ALWAYS_INLINE float tanh(float x) {
   const float x2 = x * x;
   float p = static_cast<float>(6404582.0 / 10854718875.0);
   p = p * x2 - static_cast<float>(929569.0 / 638512875.0);
@@ -177,34 +183,51 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, 
   blas_gemm(m, n, k, a, lda, b, ldb, 1, c, ldc);
 }
 
-// The right operand W^T of x @ W^T, for a weight W (n, k) as torch.nn stores it. Over many
-// steps a transposed copy pays for itself (the small-matrix GEMM wants (k, n) rows); for a
-// few steps, such as decoding one token, W goes to BLAS as it is, with no copy.
-constexpr int64_t kTransposedCopyMinSteps = 4;
-
-inline at::Tensor weight_operand(const at::Tensor& w, at::ScalarType acc, int64_t steps) {
-  const at::Tensor w_acc = w.to(acc);
-  return steps >= kTransposedCopyMinSteps ? w_acc.t().contiguous() : w_acc.contiguous();
-}
+// The right operand B (k, n) of a product c = a @ B that a kernel repeats `uses` times, kept in
+// the layout its GEMM wants. Over many uses a copy pays for itself: packed panels for the AVX2
+// kernel where that is the fastest (panel_gemm.h), else B's rows contiguous for the small-matrix
+// GEMM. For a few uses, such as decoding one token, B goes to BLAS as it is, with no copy.
+constexpr int64_t kCopyMinUses = 4;
 
 template <typename T>
-struct TransposedWeight {
-  const T* data;  // W^T (k, n) rows when `copied`, else W (n, k) rows
-  int64_t n, k;
-  bool copied;
-
-  // `operand` as returned by weight_operand for a weight W (n, k)
-  static TransposedWeight of(const at::Tensor& operand, int64_t n, int64_t k, int64_t steps) {
-    return {operand.data_ptr<T>(), n, k, steps >= kTransposedCopyMinSteps};
+class RightOperand {
+ public:
+  // b (k, n) of dtype T, any strides; a weight W (n, k) as torch.nn stores it gives W.t()
+  static RightOperand of(const at::Tensor& b, int64_t uses) {
+    if (uses < kCopyMinUses) return {b, Layout::kStrided};
+    if constexpr (std::is_same_v<T, float>) {
+      if (panel_gemm_preferred()) return {pack_panels(b), Layout::kPanels, b.size(0), b.size(1)};
+    }
+    return {b.contiguous(), Layout::kRowMajor};
   }
-  // c (m, n) = a (m, k) @ W^T
+
+  // c (m, n) = a (m, k) @ B
   void multiply(int64_t m, const T* a, int64_t lda, T* c, int64_t ldc) const {
-    if (copied) {
-      gemm(m, n, k, a, lda, data, n, c, ldc);
-    } else {
-      blas_gemm(m, n, k, a, lda, data, 1, k, c, ldc);
+    const T* data = storage_.data_ptr<T>();
+    switch (layout_) {
+      case Layout::kPanels:
+        if constexpr (std::is_same_v<T, float>) panel_gemm(m, n_, k_, a, lda, data, c, ldc);
+        break;
+      case Layout::kRowMajor:
+        gemm(m, n_, k_, a, lda, data, n_, c, ldc);
+        break;
+      case Layout::kStrided:
+        blas_gemm(m, n_, k_, a, lda, data, storage_.stride(0), storage_.stride(1), c, ldc);
+        break;
     }
   }
+
+ private:
+  enum class Layout { kPanels, kRowMajor, kStrided };
+
+  RightOperand(at::Tensor storage, Layout layout)
+      : RightOperand(storage, layout, storage.size(0), storage.size(1)) {}
+  RightOperand(at::Tensor storage, Layout layout, int64_t k, int64_t n)
+      : storage_(std::move(storage)), layout_(layout), k_(k), n_(n) {}
+
+  at::Tensor storage_;
+  Layout layout_;
+  int64_t k_, n_;
 };
 
 // ---------------------------------------------------------------------------------------

@@ -57,3 +57,28 @@ def test_gradcheck_and_opcheck():
     leaves = [t.requires_grad_() for t in (x, weight, b)]
     assert torch.autograd.gradcheck(_projection._projection_op, leaves)
     torch.library.opcheck(_projection._projection_op, _inputs(8))
+
+
+def _panel_kernel_reason():
+    if _backends.compiled_kernel_reason("input_projection", torch.device("cpu")) is not None:
+        return "rnnkern._C is not built"
+    try:
+        torch.ops.rnnkern_C.panel_matmul(torch.zeros(1, 1), torch.zeros(1, 1))
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+@pytest.mark.skipif(_panel_kernel_reason() is not None, reason=str(_panel_kernel_reason()))
+@pytest.mark.parametrize("k", [0, 1, 37, 256])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 48, 300])
+def test_panel_gemm_matches_matmul(n, k):
+    """The AVX2 panel GEMM behind the recurrences (csrc/cpu/panel_gemm.h), called directly so that
+    CPUs whose kernels prefer another GEMM check it too: every tile height (1-8 rows and the
+    splits above), whole and partial panels, and a transposed right operand as the layers pass."""
+    gen = torch.Generator().manual_seed(n * 1000 + k)
+    b = torch.randn((n, k), generator=gen).t()  # (k, n) with strides (1, k), like W^T
+    for m in [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16]:
+        a = torch.randn((m, k), generator=gen)
+        got = torch.ops.rnnkern_C.panel_matmul(a, b)
+        assert_close(got, (a.double() @ b.double()).float(), torch.float32, f"m={m}")

@@ -1,0 +1,150 @@
+// The AVX2 panel GEMM of panel_gemm.h. Each panel of B is k rows of 16 floats. A tile of up to
+// six rows of a times one panel accumulates in twelve ymm registers: per k, two loads of the
+// panel row, one broadcast per row of a and two FMAs per row. All row tiles of a panel run
+// back to back, so the panel (16 KiB at k = 256) is read from L1 after the first.
+#include "panel_gemm.h"
+
+#include "../ops.h"
+
+#include <algorithm>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define RNNKERN_PANEL_GEMM 1
+#define RNNKERN_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+namespace rnnkern::cpu {
+
+at::Tensor pack_panels(const at::Tensor& b) {
+  TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kFloat, "pack_panels: B must be a float matrix");
+  const int64_t k = b.size(0), n = b.size(1);
+  const int64_t panels = (n + kPanelWidth - 1) / kPanelWidth;
+  at::Tensor packed = at::zeros({panels, k, kPanelWidth}, b.options());
+  const int64_t full = n / kPanelWidth;
+  if (full > 0) {  // (k, full * 16) -> (full, k, 16)
+    packed.narrow(0, 0, full).copy_(b.narrow(1, 0, full * kPanelWidth).view({k, full, kPanelWidth}).permute({1, 0, 2}));
+  }
+  if (n > full * kPanelWidth) packed[full].narrow(1, 0, n - full * kPanelWidth).copy_(b.narrow(1, full * kPanelWidth, n - full * kPanelWidth));
+  return packed;
+}
+
+#ifdef RNNKERN_PANEL_GEMM
+
+bool panel_gemm_supported() {
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+}
+
+bool panel_gemm_preferred() {
+  static const bool preferred = panel_gemm_supported() && !__builtin_cpu_supports("avx512f");
+  return preferred;
+}
+
+namespace {
+
+// One row of the tile: acc_r0/acc_r1 += a[r][p] * panel row p (columns 0-7 and 8-15).
+#define RNNKERN_TILE_ROW(r)                                              \
+  if constexpr (kRows > r) {                                             \
+    const __m256 a_rp = _mm256_broadcast_ss(a_p + r * lda);              \
+    acc_##r##0 = _mm256_fmadd_ps(a_rp, b_lo, acc_##r##0);                \
+    acc_##r##1 = _mm256_fmadd_ps(a_rp, b_hi, acc_##r##1);                \
+  }
+
+#define RNNKERN_TILE_STORE(r)                                            \
+  if constexpr (kRows > r) {                                             \
+    _mm256_storeu_ps(out + r * ld_out, acc_##r##0);                      \
+    _mm256_storeu_ps(out + r * ld_out + 8, acc_##r##1);                  \
+  }
+
+// c (kRows, cols) = a (kRows, k) @ panel (k, 16)[:, :cols]. The accumulators are named
+// registers, not an array: GCC keeps an array of them in memory and stores it every step.
+template <int kRows>
+RNNKERN_AVX2 void tile(int64_t k, const float* a, int64_t lda, const float* panel, float* c, int64_t ldc,
+                       int64_t cols) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 acc_00 = zero, acc_01 = zero, acc_10 = zero, acc_11 = zero, acc_20 = zero, acc_21 = zero;
+  __m256 acc_30 = zero, acc_31 = zero, acc_40 = zero, acc_41 = zero, acc_50 = zero, acc_51 = zero;
+  for (int64_t p = 0; p < k; ++p) {
+    const __m256 b_lo = _mm256_load_ps(panel + p * kPanelWidth);
+    const __m256 b_hi = _mm256_load_ps(panel + p * kPanelWidth + 8);
+    const float* a_p = a + p;
+    RNNKERN_TILE_ROW(0)
+    RNNKERN_TILE_ROW(1)
+    RNNKERN_TILE_ROW(2)
+    RNNKERN_TILE_ROW(3)
+    RNNKERN_TILE_ROW(4)
+    RNNKERN_TILE_ROW(5)
+  }
+  alignas(32) float partial[6 * kPanelWidth];
+  const bool whole = cols == kPanelWidth;
+  float* out = whole ? c : partial;
+  const int64_t ld_out = whole ? ldc : kPanelWidth;
+  RNNKERN_TILE_STORE(0)
+  RNNKERN_TILE_STORE(1)
+  RNNKERN_TILE_STORE(2)
+  RNNKERN_TILE_STORE(3)
+  RNNKERN_TILE_STORE(4)
+  RNNKERN_TILE_STORE(5)
+  if (!whole) {
+    for (int r = 0; r < kRows; ++r) std::copy_n(partial + r * kPanelWidth, cols, c + r * ldc);
+  }
+}
+
+#undef RNNKERN_TILE_ROW
+#undef RNNKERN_TILE_STORE
+
+using Tile = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t);
+constexpr Tile kTiles[] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
+
+// Rows in the next tile: six, except that 7 or 8 left split as 4 + rest, because a tile of
+// one or two rows has too few accumulators to hide the FMA latency.
+int64_t tile_rows(int64_t left) {
+  if (left == 7 || left == 8) return 4;
+  return std::min<int64_t>(left, 6);
+}
+
+}  // namespace
+
+void panel_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* panels, float* c,
+                int64_t ldc) {
+  for (int64_t col = 0; col < n; col += kPanelWidth) {
+    const float* panel = panels + (col / kPanelWidth) * k * kPanelWidth;
+    const int64_t cols = std::min(kPanelWidth, n - col);
+    for (int64_t row = 0; row < m;) {
+      const int64_t rows = tile_rows(m - row);
+      kTiles[rows](k, a + row * lda, lda, panel, c + row * ldc + col, ldc, cols);
+      row += rows;
+    }
+  }
+}
+
+#else  // not x86-64 with GCC or clang: the kernels use their other GEMMs
+
+bool panel_gemm_supported() { return false; }
+bool panel_gemm_preferred() { return false; }
+
+void panel_gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t) {
+  TORCH_CHECK(false, "panel_gemm: this build has no AVX2 kernel");
+}
+
+#endif
+
+}  // namespace rnnkern::cpu
+
+namespace rnnkern {
+
+at::Tensor panel_matmul_cpu(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(cpu::panel_gemm_supported(), "panel_matmul: this CPU (or build) has no AVX2 and FMA");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "panel_matmul: a (M, K) and b (K, N) must ",
+              "agree in K, got ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, "panel_matmul: a and b must be float");
+  const at::Tensor rows = a.contiguous();
+  const at::Tensor panels = cpu::pack_panels(b);
+  at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
+  cpu::panel_gemm(a.size(0), b.size(1), a.size(1), rows.data_ptr<float>(), a.size(1), panels.data_ptr<float>(),
+                  c.data_ptr<float>(), b.size(1));
+  return c;
+}
+
+}  // namespace rnnkern
