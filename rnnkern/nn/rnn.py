@@ -18,7 +18,10 @@ from torch.nn.utils.rnn import PackedSequence
 
 from rnnkern.nn import _checks, _packed
 from rnnkern.nn._params import PARAMETER_NAMES, reset_uniform
+from rnnkern.ops._sequences import streaming_step
+from rnnkern.ops.gru import _supports as gru_supports
 from rnnkern.ops.gru import gru_layer
+from rnnkern.ops.lstm import _supports as lstm_supports
 from rnnkern.ops.lstm import lstm_layer
 
 __all__ = ["LSTM", "GRU"]
@@ -29,7 +32,9 @@ States = tuple[Tensor, ...]  # (h,) for GRU, (h, c) for LSTM; each (num_layers *
 class _Recurrent(nn.Module):
     """A stack of ``num_layers`` recurrent layers, each in one or two directions.
 
-    Subclasses set ``_gates`` (gate blocks per hidden unit) and implement ``_layer`` (one
+    Subclasses set ``_gates`` (gate blocks per hidden unit), ``_state_count`` (tensors in hx),
+    ``_layer_op``, ``_layer_supports`` and ``_step_kernel`` (the layer op's name and backend
+    checks, and its one-token step kernel), and implement ``_layer`` (one
     functional layer call), ``_state_tensors`` (hx to a tuple of tensors), ``_state_sizes``
     and ``_hidden_output`` (final states to the returned hx).
     """
@@ -122,6 +127,9 @@ class _Recurrent(nn.Module):
         return self._forward_padded(input, hx)
 
     def _forward_padded(self, input: Tensor, hx):
+        step = self._streaming_step(input, hx)
+        if step is not None:
+            return step
         doc = "(B, T, input_size) or (T, input_size)" if self.batch_first else "(T, B, input_size) or (T, input_size)"
         self._check_input(input, (2, 3), doc)
         batched = input.dim() == 3
@@ -134,6 +142,58 @@ class _Recurrent(nn.Module):
         if not batched:
             return y.squeeze(0), self._hidden_output(tuple(s.squeeze(1) for s in finals))
         return (y if self.batch_first else y.transpose(0, 1)), self._hidden_output(finals)
+
+    def _streaming_step(self, input: Tensor, hx):
+        """A one-token call (T = 1) of a one-layer, one-direction module straight to the cpu
+        backend's step kernel, without the generic path's Python, which at H = 256 costs about
+        as much as the kernel. None for any other call, and for any input the cheap checks here
+        do not accept: the generic path then runs it and raises its errors."""
+        if self.num_layers != 1 or self.bidirectional or self.proj_size or not isinstance(input, Tensor):
+            return None
+        weights = tuple(self._parameter(name) for name in self._step_weight_names)  # w_ih, w_hh, b_ih, b_hh
+        time_dim = 1 if self.batch_first else 0
+        if (input.dim() != 3 or input.shape[time_dim] != 1 or input.shape[2] != self.input_size
+                or input.dtype != weights[0].dtype):
+            return None
+        x = input if self.batch_first else input.transpose(0, 1)  # (B, 1, I)
+        states = self._step_states(hx, x)
+        if states is None:
+            return None
+        result = streaming_step(self._step_kernel, self._layer_op, self._layer_supports, x, states, weights,
+                                self.backend)
+        if result is None:
+            return None
+        y, *finals = result  # (B, 1, H), (B, size) each
+        y = y if self.batch_first else y.transpose(0, 1)
+        return y, self._hidden_output([state.unsqueeze(0) for state in finals])
+
+    @property
+    def _step_weight_names(self) -> tuple:
+        names = self._weight_names[0]
+        return names["w_ih"], names["w_hh"], names.get("b_ih"), names.get("b_hh")
+
+    def _parameter(self, name: Optional[str]) -> Optional[Tensor]:
+        """The parameter `name` (None for None), read from _parameters where it is registered
+        there (nn.Module's attribute fallback costs a microsecond a call)."""
+        if name is None:
+            return None
+        registered = self._parameters.get(name)
+        return registered if registered is not None else getattr(self, name)
+
+    def _step_states(self, hx, x: Tensor) -> Optional[States]:
+        """hx as (B, H) tensors for a one-layer, one-direction, unprojected streaming call on
+        x (B, 1, I) (zeros for None), or None unless every state is a (1, B, H) tensor of x's
+        dtype."""
+        batch, size = x.shape[0], self.hidden_size
+        if hx is None:
+            return (x.new_zeros(batch, size),) * self._state_count
+        states = hx if isinstance(hx, (tuple, list)) else (hx,)
+        if len(states) != self._state_count:
+            return None
+        for state in states:
+            if not isinstance(state, Tensor) or state.dtype != x.dtype or state.shape != (1, batch, size):
+                return None
+        return tuple(state.select(0, 0) for state in states)
 
     def _forward_packed(self, input: PackedSequence, hx):
         self._check_input(input.data, (2,), "(N, input_size) packed data")
@@ -206,7 +266,9 @@ class LSTM(_Recurrent):
         >>> y_next, (h, c) = lstm(torch.randn(4, 1, 16), (h, c))  # continue one step
     """
 
-    _gates = 4
+    _gates, _state_count = 4, 2
+    _layer_op, _step_kernel = "lstm_layer", "lstm_step"
+    _layer_supports = staticmethod(lstm_supports)
 
     def _layer(self, x, state, weights, lengths, reverse):
         y, (h, c) = lstm_layer(x, state, **weights, lengths=lengths, reverse=reverse, backend=self.backend)
@@ -248,7 +310,9 @@ class GRU(_Recurrent):
         >>> y, h = gru(torch.randn(100, 4, 16))             # y: (100, 4, 64), h: (2, 4, 32)
     """
 
-    _gates = 3
+    _gates, _state_count = 3, 1
+    _layer_op, _step_kernel = "gru_layer", "gru_step"
+    _layer_supports = staticmethod(gru_supports)
 
     def __init__(
         self,

@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from rnnkern import _backends
+
 
 def full_lengths(batch: int, steps: int, device: torch.device) -> Tensor:
     return torch.full((batch,), steps, dtype=torch.int64, device=device)
@@ -49,3 +51,19 @@ def takes_step_kernel(backend: str, x: Tensor, lengths: Optional[Tensor], traini
     return (backend == "cpu" and x.shape[1] == 1 and not training and lengths is None
             and x.shape[0] <= STEP_KERNEL_MAX_BATCH and x.dtype in (torch.float32, torch.float64)
             and not torch.compiler.is_compiling())
+
+
+def streaming_step(kernel: str, op: str, supports, x: Tensor, states: tuple, weights: tuple,
+                   backend: Optional[str]):
+    """One token x (B, 1, I) from `states` ((B, H) each) on the cpu step kernel
+    rnnkern_C.<kernel>, for the modules' streaming calls: the layer op's backend choice and
+    takes_step_kernel's conditions, without the layer op's Python checks (the kernel checks
+    shapes and dtypes against the weights itself). `weights` are (w_ih, w_hh, b_ih, b_hh).
+    Returns the kernel's (y (B, 1, H), *new states), or None where the layer op would not
+    take the kernel."""
+    name = _backends.select(op, x.device, x.dtype, supports, backend)
+    tensors = (x, *states, *(w for w in weights if w is not None))
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if not takes_step_kernel(name, x, None, training) or not all(t.is_cpu for t in tensors):
+        return None
+    return getattr(torch.ops.rnnkern_C, kernel)(x.select(1, 0), *states, *weights)

@@ -288,6 +288,66 @@ def test_streaming_one_step_at_a_time_equals_sequence(mode, device, backend):
         assert_close(step, full, torch.float64, name)
 
 
+CPU_LAYERS = [p for p in mode_backends("layer", fp64=True) if p.values[2] == "cpu"]
+
+
+def _ran_step_kernel(mode: str, run) -> bool:
+    with torch.autograd.profiler.profile() as prof:
+        run()
+    return any(event.name == f"rnnkern_C::{mode}_step" for event in prof.function_events)
+
+
+@pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "no-hx"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "time-first"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("mode,device,backend", CPU_LAYERS)
+def test_one_layer_streaming_call_takes_the_step_kernel(mode, device, backend, dtype, batch_first, with_hx,
+                                                        monkeypatch):
+    """A one-token call of a one-layer module goes straight to the step kernel (the module's
+    streaming fast path, not the generic layer loop) and returns what torch.nn returns, in
+    torch.nn's shapes."""
+    expected, actual = make_pair(mode, device, backend, dtype=dtype, batch_first=batch_first)
+    monkeypatch.setattr(actual, "_run", lambda *args: pytest.fail("the generic path ran"))
+    x = sequence(batch_first, 3, 1, device, dtype)
+    hx = None
+    if with_hx:
+        states = [torch.randn(1, 3, HIDDEN_SIZE, dtype=dtype) for _ in range(2 if mode == "lstm" else 1)]
+        hx = tuple(states) if mode == "lstm" else states[0]
+    with torch.no_grad():
+        want_y, want_states = expected(x, hx)
+        assert _ran_step_kernel(mode, lambda: actual(x, hx))
+        got_y, got_states = actual(x, hx)
+    assert_close(got_y, want_y, dtype, "output")
+    if mode == "gru":
+        got_states, want_states = (got_states,), (want_states,)
+    for name, got, want in zip(["h_n", "c_n"], got_states, want_states):
+        assert got.shape == want.shape, name
+        assert_close(got, want, dtype, name)
+
+
+ONE_LAYER_BAD_STEPS = {  # a one-token call of a one-layer module (input_size 3, hidden_size 4, B = 2)
+    "feature-size": ("lstm", dict(input=torch.randn(1, 2, 2)), ValueError, r"LSTM: input must have input_size=3"),
+    "input-dtype": ("gru", dict(input=torch.randn(1, 2, 3, dtype=torch.float64)), TypeError,
+                    r"GRU: input must have the dtype of the parameters"),
+    "h0-batch": ("gru", dict(hx=torch.zeros(1, 1, 4)), ValueError, r"GRU: hx \(h_0\) must have shape \(1, 2, 4\)"),
+    "h0-layers": ("lstm", dict(hx=(torch.zeros(2, 2, 4), torch.zeros(1, 2, 4))), ValueError,
+                  r"LSTM: hx\[0\] \(h_0\) must have shape \(1, 2, 4\), got \(2, 2, 4\)"),
+    "c0-dtype": ("lstm", dict(hx=(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4, dtype=torch.float64))), TypeError,
+                 r"LSTM: hx\[1\] \(c_0\) must have the dtype of input"),
+    "hx-not-a-pair": ("lstm", dict(hx=torch.zeros(1, 2, 4)), TypeError, r"LSTM: hx must be a tuple \(h_0, c_0\)"),
+}
+
+
+@pytest.mark.parametrize("case", ONE_LAYER_BAD_STEPS.values(), ids=ONE_LAYER_BAD_STEPS.keys())
+@pytest.mark.parametrize("device,backend", [p.values[1:] for p in CPU_LAYERS[:1]])
+def test_one_layer_streaming_call_bad_input_is_the_modules_error(case, device, backend):
+    mode, overrides, error, message = case
+    module = MODULES[mode][1](3, 4, backend=backend)
+    kwargs = {"input": torch.randn(1, 2, 3), "hx": None, **overrides}
+    with torch.no_grad(), pytest.raises(error, match=message):
+        module(kwargs["input"], kwargs["hx"])
+
+
 @pytest.mark.parametrize("mode,device,backend", mode_backends("layer", fp64=True))
 def test_training_dropout_one_zeroes_inputs_between_layers_like_torch_nn(mode, device, backend):
     """With p=1 dropout is deterministic: every layer after the first sees zero input."""
