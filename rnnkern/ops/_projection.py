@@ -2,8 +2,9 @@
 
 One GEMM, F.linear everywhere except on the cpu backend for fp32 inputs with enough rows to
 matter, where rnnkern_C::input_projection runs it on oneDNN's small-matrix kernel in
-L2-sized panels (faster than the BLAS behind F.linear where that BLAS takes a narrower
-vector path than the CPU has; see csrc/cpu/projection.cpp). Registered as a custom op with
+L2-sized panels on AVX-512 CPUs (faster than the BLAS behind F.linear where that BLAS takes a
+narrower vector path than the CPU has) and on rnnkern's AVX2 panel GEMM elsewhere (see
+csrc/cpu/projection.cpp). Registered as a custom op with
 its own backward (the three GEMMs of a linear layer), so autograd and torch.compile see it
 like F.linear.
 """
