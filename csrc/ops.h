@@ -65,9 +65,10 @@ at::Tensor input_projection_cpu(const at::Tensor& x, const at::Tensor& weight, c
 // recurrences prefer on this CPU: it lets the tests check the kernel on any CPU that has AVX2.
 at::Tensor panel_matmul_cpu(const at::Tensor& a, const at::Tensor& b);
 
-// One-token steps for fp32/fp64 without autograd, the weights used in place: returns
-// (y, h', c') for the LSTM (no projection), (y, h') for the GRU, y (B, 1, H) holding h' as
-// the layer's output; biases optional.
+// One-token steps for fp32/fp64 without autograd, the weights used in place: x (..., I) and
+// the states (..., H) hold B rows each under any leading dimensions; returns (y, h', c') for
+// the LSTM (no projection), (y, h') for the GRU, y shaped like x with H last and holding h' as
+// the layer's output, the new states shaped like the old; biases optional.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_step_cpu(
     const at::Tensor& x, const at::Tensor& h, const at::Tensor& c, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh);

@@ -155,17 +155,15 @@ class _Recurrent(nn.Module):
         if (input.dim() != 3 or input.shape[time_dim] != 1 or input.shape[2] != self.input_size
                 or input.dtype != weights[0].dtype):
             return None
-        x = input if self.batch_first else input.transpose(0, 1)  # (B, 1, I)
-        states = self._step_states(hx, x)
+        states = self._step_states(hx, input, input.shape[1 - time_dim])
         if states is None:
             return None
-        result = streaming_step(self._step_kernel, self._layer_op, self._layer_supports, x, states, weights,
+        result = streaming_step(self._step_kernel, self._layer_op, self._layer_supports, input, states, weights,
                                 self.backend)
         if result is None:
             return None
-        y, *finals = result  # (B, 1, H), (B, size) each
-        y = y if self.batch_first else y.transpose(0, 1)
-        return y, self._hidden_output([state.unsqueeze(0) for state in finals])
+        y, *finals = result  # y like input, finals (1, B, size) each
+        return y, self._hidden_output(finals)
 
     @property
     def _step_weight_names(self) -> tuple:
@@ -180,20 +178,19 @@ class _Recurrent(nn.Module):
         registered = self._parameters.get(name)
         return registered if registered is not None else getattr(self, name)
 
-    def _step_states(self, hx, x: Tensor) -> Optional[States]:
-        """hx as (B, H) tensors for a one-layer, one-direction, unprojected streaming call on
-        x (B, 1, I) (zeros for None), or None unless every state is a (1, B, H) tensor of x's
-        dtype."""
-        batch, size = x.shape[0], self.hidden_size
+    def _step_states(self, hx, x: Tensor, batch: int) -> Optional[States]:
+        """hx as (1, B, H) tensors for a one-layer, one-direction, unprojected streaming call
+        on x (zeros for None), or None unless every state is a (1, B, H) tensor of x's dtype."""
+        size = self.hidden_size
         if hx is None:
-            return (x.new_zeros(batch, size),) * self._state_count
+            return (x.new_zeros(1, batch, size),) * self._state_count
         states = hx if isinstance(hx, (tuple, list)) else (hx,)
         if len(states) != self._state_count:
             return None
         for state in states:
             if not isinstance(state, Tensor) or state.dtype != x.dtype or state.shape != (1, batch, size):
                 return None
-        return tuple(state.select(0, 0) for state in states)
+        return tuple(states)
 
     def _forward_packed(self, input: PackedSequence, hx):
         self._check_input(input.data, (2,), "(N, input_size) packed data")

@@ -45,25 +45,30 @@ STEP_KERNEL_MAX_BATCH = 16
 
 def takes_step_kernel(backend: str, x: Tensor, lengths: Optional[Tensor], training: bool) -> bool:
     """Whether a layer call on x (B, T, I) is a one-token step for the cpu backend's step
-    kernels (rnnkern_C::lstm_step / gru_step): T = 1, fp32/fp64, a small batch, nothing to
-    differentiate, no lengths, and not being traced by torch.compile (which sees the
+    kernels (rnnkern_C::lstm_step / gru_step): T = 1, no lengths, and step_kernel_applies."""
+    return x.shape[1] == 1 and lengths is None and step_kernel_applies(backend, x.shape[0], x.dtype, training)
+
+
+def step_kernel_applies(backend: str, batch: int, dtype: torch.dtype, training: bool) -> bool:
+    """The step kernels' conditions beyond one token: the cpu backend, fp32/fp64, a small
+    batch, nothing to differentiate, and not being traced by torch.compile (which sees the
     sequence op instead)."""
-    return (backend == "cpu" and x.shape[1] == 1 and not training and lengths is None
-            and x.shape[0] <= STEP_KERNEL_MAX_BATCH and x.dtype in (torch.float32, torch.float64)
-            and not torch.compiler.is_compiling())
+    return (backend == "cpu" and not training and batch <= STEP_KERNEL_MAX_BATCH
+            and dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling())
 
 
 def streaming_step(kernel: str, op: str, supports, x: Tensor, states: tuple, weights: tuple,
                    backend: Optional[str]):
-    """One token x (B, 1, I) from `states` ((B, H) each) on the cpu step kernel
-    rnnkern_C.<kernel>, for the modules' streaming calls: the layer op's backend choice and
-    takes_step_kernel's conditions, without the layer op's Python checks (the kernel checks
-    shapes and dtypes against the weights itself). `weights` are (w_ih, w_hh, b_ih, b_hh).
-    Returns the kernel's (y (B, 1, H), *new states), or None where the layer op would not
-    take the kernel."""
+    """One token for each of B rows on the cpu step kernel rnnkern_C.<kernel>, for the
+    modules' streaming calls: x (1, B, I) or (B, 1, I) and states (1, B, H) as the module has
+    them (the kernel keeps their leading dimensions), with the layer op's backend choice and
+    step_kernel_applies's conditions, but without the layer op's Python checks (the kernel
+    checks shapes and dtypes against the weights itself). `weights` are (w_ih, w_hh, b_ih,
+    b_hh). Returns the kernel's (y shaped like x, *new states shaped like states), or None
+    where the layer op would not take the kernel."""
     name = _backends.select(op, x.device, x.dtype, supports, backend)
     tensors = (x, *states, *(w for w in weights if w is not None))
     training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if not takes_step_kernel(name, x, None, training) or not all(t.is_cpu for t in tensors):
+    if not step_kernel_applies(name, states[0].shape[1], x.dtype, training) or not all(t.is_cpu for t in tensors):
         return None
-    return getattr(torch.ops.rnnkern_C, kernel)(x.select(1, 0), *states, *weights)
+    return getattr(torch.ops.rnnkern_C, kernel)(x, *states, *weights)

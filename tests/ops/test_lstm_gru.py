@@ -376,3 +376,25 @@ def test_step_kernel_rejects_bad_input(kind):
         step(*args, torch.randn(gates, 3), torch.randn(gates, 5), None, None)
     with pytest.raises(RuntimeError, match=r"x must be float32 or float64, got BFloat16"):
         step(args[0].bfloat16(), *args[1:], torch.randn(gates, 3), torch.randn(gates, 4), None, None)
+    with pytest.raises(RuntimeError, match=r"x \[3, 3\] and h \[2, 4\] must hold the same number of rows"):
+        step(torch.randn(3, 3), *args[1:], torch.randn(gates, 3), torch.randn(gates, 4), None, None)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=kind_id)
+def test_step_kernel_keeps_leading_dimensions(kind):
+    """x (..., I) and the states (..., H) may carry any leading dimensions around their B rows
+    (a module's (1, B, I) and (1, B, H)): y comes back shaped like x, the states like the old."""
+    import rnnkern._C  # noqa: F401  (registers the rnnkern_C ops)
+
+    gen = torch.Generator().manual_seed(3)
+    gates, batch = kind.gates * 4, 3
+    weights = [torch.randn(gates, 5, generator=gen), torch.randn(gates, 4, generator=gen), None, None]
+    x = torch.randn(batch, 5, generator=gen)
+    states = [torch.randn(batch, 4, generator=gen) for _ in range(2 if kind is LSTM else 1)]
+    step = getattr(torch.ops.rnnkern_C, f"{kind.name}_step")
+    flat = step(x, *states, *weights)
+    shaped = step(x[None], *[s[None] for s in states], *weights)
+    assert flat[0].shape == (batch, 4) and shaped[0].shape == (1, batch, 4)
+    for got, want in zip(shaped, flat):
+        assert got.shape == (1, *want.shape)
+        assert torch.equal(got[0], want)

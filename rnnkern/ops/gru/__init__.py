@@ -133,7 +133,7 @@ def gru_layer(
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, w_ih, w_hh, b_ih, b_hh))
     if takes_step_kernel(name, x, lengths, training):
-        return torch.ops.rnnkern_C.gru_step(x[:, 0], h0, w_ih, w_hh, b_ih, b_hh)  # (B, 1, H), (B, H)
+        return torch.ops.rnnkern_C.gru_step(x, h0, w_ih, w_hh, b_ih, b_hh)  # (B, 1, H), (B, H)
     gx = input_projection(x, w_ih, b_ih, name)  # (B, T, 3H)
     y, h_n, _, _ = _gru_op(gx, h0, w_hh, b_hh, lengths, reverse, training, name)
     return y, h_n

@@ -149,7 +149,7 @@ def lstm_layer(
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
     if w_hr is None and takes_step_kernel(name, x, lengths, training):
-        y, h_n, c_n = torch.ops.rnnkern_C.lstm_step(x[:, 0], h0, c0, w_ih, w_hh, b_ih, b_hh)  # (B, 1, H), (B, H)
+        y, h_n, c_n = torch.ops.rnnkern_C.lstm_step(x, h0, c0, w_ih, w_hh, b_ih, b_hh)  # (B, 1, H), (B, H)
         return y, (h_n, c_n)
     gx = input_projection(x, w_ih, _combined_bias(b_ih, b_hh), name)  # (B, T, 4H)
     y, h_n, c_n, _, _ = _lstm_op(gx, h0, c0, w_hh, w_hr, lengths, reverse, training, name)
