@@ -21,6 +21,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def ran_op(name: str, run) -> bool:
+    """Whether calling run() dispatched the op `name` (e.g. "rnnkern_C::lstm_step")."""
+    with torch.autograd.profiler.profile() as prof:
+        run()
+    return any(event.name == name for event in prof.function_events)
+
+
 def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -21,11 +21,12 @@ at::Tensor pack_panels(const at::Tensor& b) {
   const int64_t k = b.size(0), n = b.size(1);
   const int64_t panels = (n + kPanelWidth - 1) / kPanelWidth;
   at::Tensor packed = at::zeros({panels, k, kPanelWidth}, b.options());
-  const int64_t full = n / kPanelWidth;
+  const int64_t full = n / kPanelWidth, whole_cols = full * kPanelWidth, rest = n - whole_cols;
   if (full > 0) {  // (k, full * 16) -> (full, k, 16)
-    packed.narrow(0, 0, full).copy_(b.narrow(1, 0, full * kPanelWidth).view({k, full, kPanelWidth}).permute({1, 0, 2}));
+    const at::Tensor whole = b.narrow(1, 0, whole_cols).view({k, full, kPanelWidth});
+    packed.narrow(0, 0, full).copy_(whole.permute({1, 0, 2}));
   }
-  if (n > full * kPanelWidth) packed[full].narrow(1, 0, n - full * kPanelWidth).copy_(b.narrow(1, full * kPanelWidth, n - full * kPanelWidth));
+  if (rest > 0) packed[full].narrow(1, 0, rest).copy_(b.narrow(1, whole_cols, rest));
   return packed;
 }
 

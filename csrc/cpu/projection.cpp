@@ -76,27 +76,26 @@ at::Tensor input_projection_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const bool all_float = x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
                          (!bias.has_value() || bias->scalar_type() == at::kFloat);
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  const bool have_kernel = true;
+  constexpr bool have_brgemm = true;
 #else
-  const bool have_kernel = cpu::panel_gemm_preferred();
+  constexpr bool have_brgemm = false;
 #endif
-  if (!all_float || !have_kernel) return at::linear(x, weight, bias);
+  const bool panels = cpu::panel_gemm_preferred();
+  if (!all_float || !(panels || have_brgemm)) return at::linear(x, weight, bias);
 
   const int64_t k = weight.size(1), n = weight.size(0);
   const at::Tensor a = x.reshape({-1, k}).contiguous();  // (M, K)
   const at::Tensor bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();
   const float* bias_data = bias_values.defined() ? bias_values.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({a.size(0), n}, a.options());
-  if (cpu::panel_gemm_preferred()) {
+  if (panels) {
     project_panels(a, weight, bias_data, out.data_ptr<float>());
   } else {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
     project_brgemm(a, weight, bias_data, out.data_ptr<float>());
 #endif
   }
-  auto shape = x.sizes().vec();
-  shape.back() = n;
-  return out.view(shape);
+  return out.view(cpu::with_last_dim(x, n));
 }
 
 }  // namespace rnnkern

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "panel_gemm.h"
 
@@ -117,6 +118,13 @@ inline at::Tensor unit_last_stride(const at::Tensor& x) {
   return x.stride(-1) == 1 ? x : x.contiguous();
 }
 
+// x's shape with its last dimension replaced by `last`: an output (..., N) for an input (..., K).
+inline std::vector<int64_t> with_last_dim(const at::Tensor& x, int64_t last) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = last;
+  return shape;
+}
+
 // ---------------------------------------------------------------------------------------
 // Work split: the batch rows divide into one group per thread, and each group runs the whole
 // time loop on its own rows (its GEMMs included), so threads never wait for each other.
@@ -203,16 +211,15 @@ class RightOperand {
 
   // c (m, n) = a (m, k) @ B
   void multiply(int64_t m, const T* a, int64_t lda, T* c, int64_t ldc) const {
-    const T* data = storage_.data_ptr<T>();
     switch (layout_) {
       case Layout::kPanels:
-        if constexpr (std::is_same_v<T, float>) panel_gemm(m, n_, k_, a, lda, data, c, ldc);
+        if constexpr (std::is_same_v<T, float>) panel_gemm(m, n_, k_, a, lda, data_, c, ldc);
         break;
       case Layout::kRowMajor:
-        gemm(m, n_, k_, a, lda, data, n_, c, ldc);
+        gemm(m, n_, k_, a, lda, data_, n_, c, ldc);
         break;
       case Layout::kStrided:
-        blas_gemm(m, n_, k_, a, lda, data, storage_.stride(0), storage_.stride(1), c, ldc);
+        blas_gemm(m, n_, k_, a, lda, data_, storage_.stride(0), storage_.stride(1), c, ldc);
         break;
     }
   }
@@ -223,9 +230,10 @@ class RightOperand {
   RightOperand(at::Tensor storage, Layout layout)
       : RightOperand(storage, layout, storage.size(0), storage.size(1)) {}
   RightOperand(at::Tensor storage, Layout layout, int64_t k, int64_t n)
-      : storage_(std::move(storage)), layout_(layout), k_(k), n_(n) {}
+      : storage_(std::move(storage)), data_(storage_.data_ptr<T>()), layout_(layout), k_(k), n_(n) {}
 
   at::Tensor storage_;
+  const T* data_;  // storage_'s, read once: multiply runs every step
   Layout layout_;
   int64_t k_, n_;
 };

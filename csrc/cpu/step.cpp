@@ -14,7 +14,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "../ops.h"
 #include "recurrence.h"
@@ -93,13 +92,6 @@ RNNKERN_VECTORIZED void project_rows(const T* __restrict w, int64_t k, int64_t r
 template <typename T>
 const T* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
-// x's shape with its last dimension replaced by `hidden`: the step's output y.
-std::vector<int64_t> output_shape(const at::Tensor& x, int64_t hidden) {
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = hidden;
-  return shape;
 }
 
 // Rows of a (..., D) tensor: the product of its leading dimensions.
@@ -233,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_step_cpu(
   cpu::check_tensor("lstm_step", "c", c_in, h.sizes(), x.scalar_type());
   const StepOperands operands(x, h, w_ih, w_hh, b_ih, b_hh, 4);
   const at::Tensor c = c_in.contiguous();
-  at::Tensor y = x.new_empty(output_shape(x, h.size(-1)));
+  at::Tensor y = x.new_empty(cpu::with_last_dim(x, h.size(-1)));
   at::Tensor h_out = at::empty(h.sizes(), h.options()), c_out = at::empty(c.sizes(), c.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_step_cpu", [&] {
     const LstmStep<scalar_t> step{operands.projections<scalar_t>(), c.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
@@ -247,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor> gru_step_cpu(const at::Tensor& x, const at::T
                         const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
   check_step_inputs("gru_step", x, h, w_ih, w_hh, b_ih, b_hh, 3);
   const StepOperands operands(x, h, w_ih, w_hh, b_ih, b_hh, 3);
-  at::Tensor y = x.new_empty(output_shape(x, h.size(-1)));
+  at::Tensor y = x.new_empty(cpu::with_last_dim(x, h.size(-1)));
   at::Tensor h_out = at::empty(h.sizes(), h.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_step_cpu", [&] {
     const GruStep<scalar_t> step{operands.projections<scalar_t>(), y.data_ptr<scalar_t>(), h_out.data_ptr<scalar_t>()};

@@ -8,7 +8,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnnkern.nn
-from tests.conftest import backend_params
+from tests.conftest import backend_params, ran_op
 from tests.tolerances import assert_close
 
 MODULES = {  # mode: (torch.nn class, rnnkern class)
@@ -291,12 +291,6 @@ def test_streaming_one_step_at_a_time_equals_sequence(mode, device, backend):
 CPU_LAYERS = [p for p in mode_backends("layer", fp64=True) if p.values[2] == "cpu"]
 
 
-def _ran_step_kernel(mode: str, run) -> bool:
-    with torch.autograd.profiler.profile() as prof:
-        run()
-    return any(event.name == f"rnnkern_C::{mode}_step" for event in prof.function_events)
-
-
 @pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "no-hx"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "time-first"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -315,7 +309,7 @@ def test_one_layer_streaming_call_takes_the_step_kernel(mode, device, backend, d
         hx = tuple(states) if mode == "lstm" else states[0]
     with torch.no_grad():
         want_y, want_states = expected(x, hx)
-        assert _ran_step_kernel(mode, lambda: actual(x, hx))
+        assert ran_op(f"rnnkern_C::{mode}_step", lambda: actual(x, hx))
         got_y, got_states = actual(x, hx)
     assert_close(got_y, want_y, dtype, "output")
     if mode == "gru":

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import rnnkern
 from rnnkern import _backends
-from tests.conftest import backend_params
+from tests.conftest import backend_params, ran_op
 from tests.tolerances import assert_close
 
 SHAPES = [(2, 5, 9, 4), (1, 3, 1, 4), (3, 6, 3, 4), (2, 7, 17, 2), (1, 4, 2, 2)]  # (B, D, L, W)
@@ -213,9 +213,7 @@ def test_every_backend_matches_torch_conv1d(device, backend, dtype):
 
 
 def _ran_cpu_update_kernel(run) -> bool:
-    with torch.autograd.profiler.profile() as prof:
-        run()
-    return any(event.name == "rnnkern_C::causal_conv1d_update" for event in prof.function_events)
+    return ran_op("rnnkern_C::causal_conv1d_update", run)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])

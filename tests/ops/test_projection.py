@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from rnnkern import _backends
 from rnnkern.ops import _projection
+from tests.conftest import ran_op
 from tests.tolerances import assert_close
 
 needs_kernel = pytest.mark.skipif(
@@ -36,9 +37,7 @@ def test_matches_linear_with_gradients(rows, bias):
 
 
 def _ran_kernel(run) -> bool:
-    with torch.autograd.profiler.profile() as prof:
-        run()
-    return any(event.name == "rnnkern_C::input_projection" for event in prof.function_events)
+    return ran_op("rnnkern_C::input_projection", run)
 
 
 @needs_kernel

@@ -6,7 +6,7 @@ import torch
 import rnnkern
 from rnnkern import _backends
 from rnnkern.ops import selective_scan as ops
-from tests.conftest import backend_params
+from tests.conftest import backend_params, ran_op
 from tests.tolerances import assert_close
 
 BACKENDS = backend_params("selective_scan", "selective_scan_fwd")
@@ -332,9 +332,8 @@ def test_state_update_runs_the_cpu_kernel_for_fp32_and_fp64(dtype):
     if _backends.compiled_kernel_reason("selective_state_update", torch.device("cpu")):
         pytest.fail("rnnkern._C lacks selective_state_update: rebuild the extension")
     inputs = make_inputs(UPDATE_CASES[0], dtype, "cpu")
-    with torch.autograd.profiler.profile() as prof:
-        update_step(inputs["initial_state"].clone(), inputs, 0, None)
-    ran = any(event.name == "rnnkern_C::selective_state_update" for event in prof.function_events)
+    ran = ran_op("rnnkern_C::selective_state_update",
+                 lambda: update_step(inputs["initial_state"].clone(), inputs, 0, None))
     assert ran == (dtype != torch.bfloat16)
 
 
