@@ -128,8 +128,23 @@ def select(
     the first backend in the device's priority order whose checks all pass is taken.
     `supports` adds the op's own reasons to refuse an input.
     """
-    requested = requested or os.environ.get("RNNKERN_BACKEND") or None
-    return _select(op, device, dtype, supports, requested, triton_interpreted())
+    return _select(op, device, dtype, supports, _requested(requested), triton_interpreted())
+
+
+def _requested(requested: Optional[str]) -> Optional[str]:
+    """The backend a call forces: its own `requested`, else RNNKERN_BACKEND, else None."""
+    return requested or os.environ.get("RNNKERN_BACKEND") or None
+
+
+_CPU = torch.device("cpu")
+
+
+def selects_compiled_cpu_kernel(requested: Optional[str], kernel: str) -> bool:
+    """Whether select, on CPU tensors with `requested`, picks the cpu backend, which has the
+    compiled `kernel`: select's answer for the per-token calls that cannot afford select
+    (an environment read and a cache lookup, nothing else)."""
+    first_choice = _requested(requested) or _PRIORITY["cpu"][0]
+    return first_choice == "cpu" and compiled_kernel_reason(kernel, _CPU) is None
 
 
 # The answer depends only on its arguments (TRITON_INTERPRET among them, through

@@ -20,13 +20,15 @@ at::Tensor pack_panels(const at::Tensor& b) {
   TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kFloat, "pack_panels: B must be a float matrix");
   const int64_t k = b.size(0), n = b.size(1);
   const int64_t panels = (n + kPanelWidth - 1) / kPanelWidth;
-  at::Tensor packed = at::zeros({panels, k, kPanelWidth}, b.options());
+  at::Tensor packed = at::empty({panels, k, kPanelWidth}, b.options());
   const int64_t full = n / kPanelWidth, whole_cols = full * kPanelWidth, rest = n - whole_cols;
   if (full > 0) {  // (k, full * 16) -> (full, k, 16)
     const at::Tensor whole = b.narrow(1, 0, whole_cols).view({k, full, kPanelWidth});
     packed.narrow(0, 0, full).copy_(whole.permute({1, 0, 2}));
   }
-  if (rest > 0) packed[full].narrow(1, 0, rest).copy_(b.narrow(1, whole_cols, rest));
+  if (rest > 0) {  // the last panel's columns past n are zeros
+    packed[full].zero_().narrow(1, 0, rest).copy_(b.narrow(1, whole_cols, rest));
+  }
   return packed;
 }
 

@@ -19,9 +19,7 @@ from torch.nn.utils.rnn import PackedSequence
 from rnnkern.nn import _checks, _packed
 from rnnkern.nn._params import PARAMETER_NAMES, reset_uniform
 from rnnkern.ops._sequences import streaming_step
-from rnnkern.ops.gru import _supports as gru_supports
 from rnnkern.ops.gru import gru_layer
-from rnnkern.ops.lstm import _supports as lstm_supports
 from rnnkern.ops.lstm import lstm_layer
 
 __all__ = ["LSTM", "GRU"]
@@ -32,9 +30,8 @@ States = tuple[Tensor, ...]  # (h,) for GRU, (h, c) for LSTM; each (num_layers *
 class _Recurrent(nn.Module):
     """A stack of ``num_layers`` recurrent layers, each in one or two directions.
 
-    Subclasses set ``_gates`` (gate blocks per hidden unit), ``_state_count`` (tensors in hx),
-    ``_layer_op``, ``_layer_supports`` and ``_step_kernel`` (the layer op's name and backend
-    checks, and its one-token step kernel), and implement ``_layer`` (one
+    Subclasses set ``_gates`` (gate blocks per hidden unit), ``_state_count`` (tensors in hx)
+    and ``_step_kernel`` (the layer op's one-token cpu kernel), and implement ``_layer`` (one
     functional layer call), ``_state_tensors`` (hx to a tuple of tensors), ``_state_sizes``
     and ``_hidden_output`` (final states to the returned hx).
     """
@@ -147,36 +144,41 @@ class _Recurrent(nn.Module):
         """A one-token call (T = 1) of a one-layer, one-direction module straight to the cpu
         backend's step kernel, without the generic path's Python, which at H = 256 costs about
         as much as the kernel. None for any other call, and for any input the cheap checks here
-        do not accept: the generic path then runs it and raises its errors."""
-        if self.num_layers != 1 or self.bidirectional or self.proj_size or not isinstance(input, Tensor):
+        do not accept: the generic path then runs it and raises its errors.
+
+        Every check is an attribute read or a comparison: each Python call made here costs
+        microseconds after the kernel has run (its weights have pushed the interpreter out of
+        the caches), about as much as the whole call saves."""
+        if (self.num_layers != 1 or self.bidirectional or self.proj_size or not isinstance(input, Tensor)
+                or input.dim() != 3 or input.shape[2] != self.input_size or not input.is_cpu):
             return None
-        weights = tuple(self._parameter(name) for name in self._step_weight_names)  # w_ih, w_hh, b_ih, b_hh
-        time_dim = 1 if self.batch_first else 0
-        if (input.dim() != 3 or input.shape[time_dim] != 1 or input.shape[2] != self.input_size
-                or input.dtype != weights[0].dtype):
+        batch, steps = (input.shape[0], input.shape[1]) if self.batch_first else (input.shape[1], input.shape[0])
+        if steps != 1:
             return None
-        states = self._step_states(hx, input, input.shape[1 - time_dim])
+        weights = self._step_weights()
+        if weights is None or input.dtype != weights[0].dtype:
+            return None
+        states = self._step_states(hx, input, batch)
         if states is None:
             return None
-        result = streaming_step(self._step_kernel, self._layer_op, self._layer_supports, input, states, weights,
-                                self.backend)
+        result = streaming_step(self._step_kernel, self.backend, input, states, weights)
         if result is None:
             return None
         y, *finals = result  # y like input, finals (1, B, size) each
         return y, self._hidden_output(finals)
 
-    @property
-    def _step_weight_names(self) -> tuple:
-        names = self._weight_names[0]
-        return names["w_ih"], names["w_hh"], names.get("b_ih"), names.get("b_hh")
-
-    def _parameter(self, name: Optional[str]) -> Optional[Tensor]:
-        """The parameter `name` (None for None), read from _parameters where it is registered
-        there (nn.Module's attribute fallback costs a microsecond a call)."""
-        if name is None:
+    def _step_weights(self) -> Optional[tuple]:
+        """(w_ih, w_hh, b_ih, b_hh) of layer 0 as registered parameters (biases None without
+        bias), or None where one is not a registered parameter (a parametrization, say), for
+        the generic path's getattr to resolve."""
+        parameters = self._parameters
+        w_ih, w_hh = parameters.get("weight_ih_l0"), parameters.get("weight_hh_l0")
+        if not self.bias:
+            return None if w_ih is None or w_hh is None else (w_ih, w_hh, None, None)
+        b_ih, b_hh = parameters.get("bias_ih_l0"), parameters.get("bias_hh_l0")
+        if w_ih is None or w_hh is None or b_ih is None or b_hh is None:
             return None
-        registered = self._parameters.get(name)
-        return registered if registered is not None else getattr(self, name)
+        return w_ih, w_hh, b_ih, b_hh
 
     def _step_states(self, hx, x: Tensor, batch: int) -> Optional[States]:
         """hx as (1, B, H) tensors for a one-layer, one-direction, unprojected streaming call
@@ -264,8 +266,7 @@ class LSTM(_Recurrent):
     """
 
     _gates, _state_count = 4, 2
-    _layer_op, _step_kernel = "lstm_layer", "lstm_step"
-    _layer_supports = staticmethod(lstm_supports)
+    _step_kernel = "lstm_step"
 
     def _layer(self, x, state, weights, lengths, reverse):
         y, (h, c) = lstm_layer(x, state, **weights, lengths=lengths, reverse=reverse, backend=self.backend)
@@ -308,8 +309,7 @@ class GRU(_Recurrent):
     """
 
     _gates, _state_count = 3, 1
-    _layer_op, _step_kernel = "gru_layer", "gru_step"
-    _layer_supports = staticmethod(gru_supports)
+    _step_kernel = "gru_step"
 
     def __init__(
         self,

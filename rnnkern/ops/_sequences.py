@@ -57,18 +57,18 @@ def step_kernel_applies(backend: str, batch: int, dtype: torch.dtype, training: 
             and dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling())
 
 
-def streaming_step(kernel: str, op: str, supports, x: Tensor, states: tuple, weights: tuple,
-                   backend: Optional[str]):
+def streaming_step(kernel: str, backend: Optional[str], x: Tensor, states: tuple, weights: tuple):
     """One token for each of B rows on the cpu step kernel rnnkern_C.<kernel>, for the
     modules' streaming calls: x (1, B, I) or (B, 1, I) and states (1, B, H) as the module has
-    them (the kernel keeps their leading dimensions), with the layer op's backend choice and
-    step_kernel_applies's conditions, but without the layer op's Python checks (the kernel
-    checks shapes and dtypes against the weights itself). `weights` are (w_ih, w_hh, b_ih,
-    b_hh). Returns the kernel's (y shaped like x, *new states shaped like states), or None
-    where the layer op would not take the kernel."""
-    name = _backends.select(op, x.device, x.dtype, supports, backend)
-    tensors = (x, *states, *(w for w in weights if w is not None))
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if not step_kernel_applies(name, states[0].shape[1], x.dtype, training) or not all(t.is_cpu for t in tensors):
+    them (the kernel keeps their leading dimensions). It runs where the layer op would take the
+    same kernel: the module's `backend` (or RNNKERN_BACKEND) leaves the cpu backend chosen, and
+    step_kernel_applies. There are no Python shape checks: the kernel checks shapes and dtypes
+    against the weights (w_ih, w_hh, b_ih, b_hh) itself. Returns the kernel's (y shaped like
+    x, *new states shaped like states), or None where the layer op would not take it."""
+    if not _backends.selects_compiled_cpu_kernel(backend, kernel):
+        return None
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, *states, *weights))
+    if not step_kernel_applies("cpu", states[0].shape[1], x.dtype, training):
         return None
     return getattr(torch.ops.rnnkern_C, kernel)(x, *states, *weights)

@@ -291,16 +291,17 @@ def test_streaming_one_step_at_a_time_equals_sequence(mode, device, backend):
 CPU_LAYERS = [p for p in mode_backends("layer", fp64=True) if p.values[2] == "cpu"]
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "no-hx"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "time-first"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("mode,device,backend", CPU_LAYERS)
-def test_one_layer_streaming_call_takes_the_step_kernel(mode, device, backend, dtype, batch_first, with_hx,
+def test_one_layer_streaming_call_takes_the_step_kernel(mode, device, backend, dtype, batch_first, with_hx, bias,
                                                         monkeypatch):
     """A one-token call of a one-layer module goes straight to the step kernel (the module's
     streaming fast path, not the generic layer loop) and returns what torch.nn returns, in
     torch.nn's shapes."""
-    expected, actual = make_pair(mode, device, backend, dtype=dtype, batch_first=batch_first)
+    expected, actual = make_pair(mode, device, backend, dtype=dtype, batch_first=batch_first, bias=bias)
     monkeypatch.setattr(actual, "_run", lambda *args: pytest.fail("the generic path ran"))
     x = sequence(batch_first, 3, 1, device, dtype)
     hx = None
@@ -317,6 +318,53 @@ def test_one_layer_streaming_call_takes_the_step_kernel(mode, device, backend, d
     for name, got, want in zip(["h_n", "c_n"], got_states, want_states):
         assert got.shape == want.shape, name
         assert_close(got, want, dtype, name)
+
+
+class _Halved(torch.nn.Module):
+    def forward(self, weight):
+        return 0.5 * weight
+
+
+def _halve_w_hh(expected, actual):
+    """A parametrization on actual's weight_hh_l0 (so it is no longer a registered parameter),
+    and the same halved weight in expected."""
+    torch.nn.utils.parametrize.register_parametrization(actual, "weight_hh_l0", _Halved())
+    with torch.no_grad():
+        expected.weight_hh_l0.mul_(0.5)
+
+
+STEP_KERNEL_REFUSALS = {  # name: (rnnkern module options, what the test changes, whether under no_grad)
+    "module-backend": (dict(backend="reference"), None, True),
+    "env-backend": ({}, lambda monkeypatch, *_: monkeypatch.setenv("RNNKERN_BACKEND", "reference"), True),
+    "grad-enabled": ({}, None, False),
+    "parametrized-weight": ({}, lambda _, expected, actual: _halve_w_hh(expected, actual), True),
+}
+
+
+@pytest.mark.parametrize("case", STEP_KERNEL_REFUSALS.values(), ids=STEP_KERNEL_REFUSALS.keys())
+@pytest.mark.parametrize("mode", MODULES)
+def test_one_layer_streaming_call_takes_the_generic_path_where_the_step_kernel_does_not_apply(
+        mode, case, monkeypatch):
+    """The fast path's cheap checks stand in for the layer op's backend choice and conditions:
+    a forced backend, gradients to keep and weights that are not plain parameters all go
+    through the generic path, and the result is still torch.nn's."""
+    options, change, no_grad = case
+    torch.manual_seed(0)
+    expected = MODULES[mode][0](INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64)
+    actual = MODULES[mode][1](INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64, **options)
+    actual.load_state_dict(expected.state_dict(), strict=True)
+    if change is not None:
+        change(monkeypatch, expected, actual)
+    generic_calls = []
+    generic = actual._run
+    monkeypatch.setattr(actual, "_run", lambda *args, **kwargs: generic_calls.append(1) or generic(*args, **kwargs))
+    x = sequence(False, 3, 1, "cpu", torch.float64)
+    with torch.set_grad_enabled(not no_grad):
+        got_y, _ = actual(x)
+        want_y, _ = expected(x)
+    assert generic_calls, "the streaming fast path ran"
+    assert got_y.requires_grad == (not no_grad)
+    assert_close(got_y, want_y, torch.float64, "output")
 
 
 ONE_LAYER_BAD_STEPS = {  # a one-token call of a one-layer module (input_size 3, hidden_size 4, B = 2)

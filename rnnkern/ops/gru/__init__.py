@@ -63,6 +63,7 @@ def _setup_context(ctx, inputs, output):
     gx, h0, w_hh, b_hh, lengths, reverse, training, backend = inputs
     y, _, gates, ghn = output
     ctx.mark_non_differentiable(gates, ghn)
+    ctx.set_materialize_grads(False)  # no zero tensors for the workspace outputs' gradients
     ctx.save_for_backward(h0, w_hh, b_hh, lengths, y, gates, ghn)
     ctx.reverse, ctx.training, ctx.backend = reverse, training, backend
 

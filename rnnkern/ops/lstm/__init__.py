@@ -63,6 +63,7 @@ def _setup_context(ctx, inputs, output):
     gx, h0, c0, w_hh, w_hr, lengths, reverse, training, backend = inputs
     y, _, _, gates, cells = output
     ctx.mark_non_differentiable(gates, cells)
+    ctx.set_materialize_grads(False)  # no zero tensors for the workspace outputs' gradients
     ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, y, gates, cells)
     ctx.reverse, ctx.training, ctx.backend = reverse, training, backend
 

@@ -70,6 +70,7 @@ def _setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, training, backend = inputs
     _, _, checkpoints = output
     ctx.mark_non_differentiable(checkpoints)
+    ctx.set_materialize_grads(False)  # no zero tensors for the workspace outputs' gradients
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints)
     ctx.delta_softplus, ctx.training, ctx.backend = delta_softplus, training, backend
 
