@@ -26,6 +26,9 @@ __all__ = ["LSTM", "GRU"]
 
 States = tuple[Tensor, ...]  # (h,) for GRU, (h, c) for LSTM; each (num_layers * D, B, size)
 
+# Layer 0's forward-direction parameter names of w_ih, w_hh, b_ih, b_hh (the streaming path's)
+_LAYER0_NAMES = tuple(PARAMETER_NAMES[argument] + "_l0" for argument in ("w_ih", "w_hh", "b_ih", "b_hh"))
+
 
 class _Recurrent(nn.Module):
     """A stack of ``num_layers`` recurrent layers, each in one or two directions.
@@ -146,9 +149,9 @@ class _Recurrent(nn.Module):
         as much as the kernel. None for any other call, and for any input the cheap checks here
         do not accept: the generic path then runs it and raises its errors.
 
-        Every check is an attribute read or a comparison: each Python call made here costs
-        microseconds after the kernel has run (its weights have pushed the interpreter out of
-        the caches), about as much as the whole call saves."""
+        The checks are attribute reads and comparisons, with few function calls: in a
+        streaming loop each Python call costs a microsecond or more (several times what it
+        costs timed alone), and a select() per token cost about as much as the rest."""
         if (self.num_layers != 1 or self.bidirectional or self.proj_size or not isinstance(input, Tensor)
                 or input.dim() != 3 or input.shape[2] != self.input_size or not input.is_cpu):
             return None
@@ -172,10 +175,10 @@ class _Recurrent(nn.Module):
         bias), or None where one is not a registered parameter (a parametrization, say), for
         the generic path's getattr to resolve."""
         parameters = self._parameters
-        w_ih, w_hh = parameters.get("weight_ih_l0"), parameters.get("weight_hh_l0")
+        w_ih, w_hh = parameters.get(_LAYER0_NAMES[0]), parameters.get(_LAYER0_NAMES[1])
         if not self.bias:
             return None if w_ih is None or w_hh is None else (w_ih, w_hh, None, None)
-        b_ih, b_hh = parameters.get("bias_ih_l0"), parameters.get("bias_hh_l0")
+        b_ih, b_hh = parameters.get(_LAYER0_NAMES[2]), parameters.get(_LAYER0_NAMES[3])
         if w_ih is None or w_hh is None or b_ih is None or b_hh is None:
             return None
         return w_ih, w_hh, b_ih, b_hh
