@@ -4,9 +4,11 @@
 // back to back, so the panel (16 KiB at k = 256) is read from L1 after the first.
 #include "panel_gemm.h"
 
-#include "../ops.h"
+#include <ATen/Parallel.h>
 
 #include <algorithm>
+
+#include "../ops.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -21,14 +23,25 @@ at::Tensor pack_panels(const at::Tensor& b) {
   const int64_t k = b.size(0), n = b.size(1);
   const int64_t panels = (n + kPanelWidth - 1) / kPanelWidth;
   at::Tensor packed = at::empty({panels, k, kPanelWidth}, b.options());
-  const int64_t full = n / kPanelWidth, whole_cols = full * kPanelWidth, rest = n - whole_cols;
-  if (full > 0) {  // (k, full * 16) -> (full, k, 16)
-    const at::Tensor whole = b.narrow(1, 0, whole_cols).view({k, full, kPanelWidth});
-    packed.narrow(0, 0, full).copy_(whole.permute({1, 0, 2}));
-  }
-  if (rest > 0) {  // the last panel's columns past n are zeros
-    packed[full].zero_().narrow(1, 0, rest).copy_(b.narrow(1, whole_cols, rest));
-  }
+  const float* source = b.data_ptr<float>();
+  const int64_t stride_k = b.stride(0), stride_n = b.stride(1);
+  float* destination = packed.data_ptr<float>();
+  // One column of B at a time into its slot of the panel, which stays in L1 meanwhile: for a
+  // weight W (n, k) passed as W.t() each column is a contiguous row of W. (A copy_ of the
+  // permuted view took 0.3 ms per 1 MiB weight on a Zen 3.)
+  at::parallel_for(0, panels, 1, [&](int64_t first, int64_t last) {
+    for (int64_t p = first; p < last; ++p) {
+      float* panel = destination + p * k * kPanelWidth;
+      const int64_t cols = std::min(kPanelWidth, n - p * kPanelWidth);
+      for (int64_t j = 0; j < cols; ++j) {
+        const float* column = source + (p * kPanelWidth + j) * stride_n;
+        for (int64_t row = 0; row < k; ++row) panel[row * kPanelWidth + j] = column[row * stride_k];
+      }
+      for (int64_t j = cols; j < kPanelWidth; ++j) {  // columns past n are zeros
+        for (int64_t row = 0; row < k; ++row) panel[row * kPanelWidth + j] = 0.0f;
+      }
+    }
+  });
   return packed;
 }
 
