@@ -75,14 +75,16 @@ namespace {
 
 constexpr int64_t kPrefetchRows = 32;
 
-// c (kRows, cols) = a (kRows, k) @ panel (k, 16)[:, :cols]. The accumulators are named
-// registers, not an array: GCC keeps an array of them in memory and stores it every step.
+// c (kRows, cols) = start + a (kRows, k) @ panel (k, 16)[:, :cols], where start (16,) is added
+// to every row. The accumulators are named registers, not an array: GCC keeps an array of
+// them in memory and stores it every step.
 template <int kRows>
-RNNKERN_AVX2 void tile(int64_t k, const float* a, int64_t lda, const float* panel, float* c, int64_t ldc,
-                       int64_t cols) {
-  const __m256 zero = _mm256_setzero_ps();
-  __m256 acc_00 = zero, acc_01 = zero, acc_10 = zero, acc_11 = zero, acc_20 = zero, acc_21 = zero;
-  __m256 acc_30 = zero, acc_31 = zero, acc_40 = zero, acc_41 = zero, acc_50 = zero, acc_51 = zero;
+RNNKERN_AVX2 void tile(int64_t k, const float* a, int64_t lda, const float* panel, const float* start, float* c,
+                       int64_t ldc, int64_t cols) {
+  const __m256 start_lo = _mm256_load_ps(start), start_hi = _mm256_load_ps(start + 8);
+  __m256 acc_00 = start_lo, acc_01 = start_hi, acc_10 = start_lo, acc_11 = start_hi;
+  __m256 acc_20 = start_lo, acc_21 = start_hi, acc_30 = start_lo, acc_31 = start_hi;
+  __m256 acc_40 = start_lo, acc_41 = start_hi, acc_50 = start_lo, acc_51 = start_hi;
   for (int64_t p = 0; p < k; ++p) {
     const __m256 b_lo = _mm256_load_ps(panel + p * kPanelWidth);
     const __m256 b_hi = _mm256_load_ps(panel + p * kPanelWidth + 8);
@@ -115,7 +117,7 @@ RNNKERN_AVX2 void tile(int64_t k, const float* a, int64_t lda, const float* pane
 #undef RNNKERN_TILE_ROW
 #undef RNNKERN_TILE_STORE
 
-using Tile = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t);
+using Tile = void (*)(int64_t, const float*, int64_t, const float*, const float*, float*, int64_t, int64_t);
 constexpr Tile kTiles[] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
 
 // Rows in the next tile: six, except that 7 left split as 4 + 3 and 8 as 5 + 3, because a
@@ -133,13 +135,16 @@ int64_t tile_rows(int64_t left) {
 }  // namespace
 
 void panel_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* panels, float* c,
-                int64_t ldc) {
+                int64_t ldc, const float* bias) {
+  alignas(32) float start[kPanelWidth];  // the panel's bias columns, zeros past n or without one
   for (int64_t col = 0; col < n; col += kPanelWidth) {
     const float* panel = panels + (col / kPanelWidth) * k * kPanelWidth;
     const int64_t cols = std::min(kPanelWidth, n - col);
+    std::fill_n(start, kPanelWidth, 0.0f);
+    if (bias) std::copy_n(bias + col, cols, start);
     for (int64_t row = 0; row < m;) {
       const int64_t rows = tile_rows(m - row);
-      kTiles[rows](k, a + row * lda, lda, panel, c + row * ldc + col, ldc, cols);
+      kTiles[rows](k, a + row * lda, lda, panel, start, c + row * ldc + col, ldc, cols);
       row += rows;
     }
   }
@@ -150,7 +155,7 @@ void panel_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, co
 bool panel_gemm_supported() { return false; }
 bool panel_gemm_preferred() { return false; }
 
-void panel_gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t) {
+void panel_gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t, const float*) {
   TORCH_CHECK(false, "panel_gemm: this build has no AVX2 kernel");
 }
 

@@ -24,9 +24,9 @@ bool panel_gemm_preferred();
 // B (k, n), any strides, float -> (ceil(n / 16), k, 16) panels; columns past n are zero.
 at::Tensor pack_panels(const at::Tensor& b);
 
-// c (m, n) = a (m, k) @ B, B as pack_panels returned it; runs on the calling thread. Only
-// where panel_gemm_supported().
+// c (m, n) = a (m, k) @ B (+ bias (n,) on every row, unless null), B as pack_panels returned
+// it; runs on the calling thread. Only where panel_gemm_supported().
 void panel_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* panels, float* c,
-                int64_t ldc);
+                int64_t ldc, const float* bias = nullptr);
 
 }  // namespace rnnkern::cpu

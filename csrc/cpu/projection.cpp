@@ -51,7 +51,8 @@ void project_brgemm(const at::Tensor& a, const at::Tensor& weight, const float* 
   });
 }
 
-// The same on the AVX2 panel kernel: each block of rows runs against every 16-column panel.
+// The same on the AVX2 panel kernel: each block of rows runs against every 16-column panel,
+// whose tiles start from the bias.
 void project_panels(const at::Tensor& a, const at::Tensor& weight, const float* bias, float* out_data) {
   const int64_t m = a.size(0), k = a.size(1), n = weight.size(0);
   const at::Tensor panels = cpu::pack_panels(weight.t());
@@ -60,8 +61,7 @@ void project_panels(const at::Tensor& a, const at::Tensor& weight, const float* 
     for (int64_t r = r0; r < r1; r += kRowsPerBlock) {
       const int64_t rows = std::min(kRowsPerBlock, r1 - r);
       float* block = out_data + r * n;
-      cpu::panel_gemm(rows, n, k, a_data + r * k, k, panel_data, block, n);
-      if (bias) add_bias(block, rows, n, n, bias);
+      cpu::panel_gemm(rows, n, k, a_data + r * k, k, panel_data, block, n, bias);
     }
   });
 }
