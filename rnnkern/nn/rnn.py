@@ -33,10 +33,10 @@ _LAYER0_NAMES = tuple(PARAMETER_NAMES[argument] + "_l0" for argument in ("w_ih",
 class _Recurrent(nn.Module):
     """A stack of ``num_layers`` recurrent layers, each in one or two directions.
 
-    Subclasses set ``_gates`` (gate blocks per hidden unit), ``_state_count`` (tensors in hx)
-    and ``_step_kernel`` (the layer op's one-token cpu kernel), and implement ``_layer`` (one
-    functional layer call), ``_state_tensors`` (hx to a tuple of tensors), ``_state_sizes``
-    and ``_hidden_output`` (final states to the returned hx).
+    Subclasses set ``_gates`` (gate blocks per hidden unit), ``_state_names`` (the tensors of
+    hx, as errors name them) and ``_step_kernel`` (the layer op's one-token cpu kernel), and
+    implement ``_layer`` (one functional layer call), ``_state_tensors`` (hx to a tuple of
+    tensors), ``_state_sizes`` and ``_hidden_output`` (final states to the returned hx).
     """
 
     _gates: int
@@ -188,9 +188,9 @@ class _Recurrent(nn.Module):
         on x (zeros for None), or None unless every state is a (1, B, H) tensor of x's dtype."""
         size = self.hidden_size
         if hx is None:
-            return (x.new_zeros(1, batch, size),) * self._state_count
+            return (x.new_zeros(1, batch, size),) * len(self._state_names)
         states = hx if isinstance(hx, (tuple, list)) else (hx,)
-        if len(states) != self._state_count:
+        if len(states) != len(self._state_names):
             return None
         for state in states:
             if not isinstance(state, Tensor) or state.dtype != x.dtype or state.shape != (1, batch, size):
@@ -268,7 +268,7 @@ class LSTM(_Recurrent):
         >>> y_next, (h, c) = lstm(torch.randn(4, 1, 16), (h, c))  # continue one step
     """
 
-    _gates, _state_count = 4, 2
+    _gates, _state_names = 4, ("hx[0] (h_0)", "hx[1] (c_0)")
     _step_kernel = "lstm_step"
 
     def _layer(self, x, state, weights, lengths, reverse):
@@ -279,7 +279,7 @@ class LSTM(_Recurrent):
         return _checks.state_pair(type(self).__name__, hx)
 
     def _state_sizes(self) -> dict[str, int]:
-        return {"hx[0] (h_0)": self.proj_size or self.hidden_size, "hx[1] (c_0)": self.hidden_size}
+        return dict(zip(self._state_names, (self.proj_size or self.hidden_size, self.hidden_size)))
 
     def _hidden_output(self, finals: States):
         return finals[0], finals[1]
@@ -311,7 +311,7 @@ class GRU(_Recurrent):
         >>> y, h = gru(torch.randn(100, 4, 16))             # y: (100, 4, 64), h: (2, 4, 32)
     """
 
-    _gates, _state_count = 3, 1
+    _gates, _state_names = 3, ("hx (h_0)",)
     _step_kernel = "gru_step"
 
     def __init__(
@@ -341,7 +341,7 @@ class GRU(_Recurrent):
         return (hx,)
 
     def _state_sizes(self) -> dict[str, int]:
-        return {"hx (h_0)": self.hidden_size}
+        return {self._state_names[0]: self.hidden_size}
 
     def _hidden_output(self, finals: States):
         return finals[0]

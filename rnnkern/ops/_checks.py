@@ -1,8 +1,17 @@
-"""Input validation shared by the public ops: clear errors before any kernel runs."""
+"""Input validation shared by the public ops: clear errors before any kernel runs; and
+`keeps_grad`, whether a call's inputs need the op to keep what its backward reads."""
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def keeps_grad(tensors: tuple[Optional[Tensor], ...]) -> bool:
+    """Whether autograd records a call on `tensors` (None entries allowed): grad mode is on
+    and one of them requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def tensor(name: str, x, ndim: int, shape_doc: str) -> None:

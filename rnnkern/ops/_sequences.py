@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from rnnkern import _backends
+from rnnkern.ops import _checks
 
 
 def full_lengths(batch: int, steps: int, device: torch.device) -> Tensor:
@@ -67,8 +68,6 @@ def streaming_step(kernel: str, backend: Optional[str], x: Tensor, states: tuple
     x, *new states shaped like states), or None where the layer op would not take it."""
     if not _backends.selects_compiled_cpu_kernel(backend, kernel):
         return None
-    training = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, *states, *weights))
-    if not step_kernel_applies("cpu", states[0].shape[1], x.dtype, training):
+    if not step_kernel_applies("cpu", states[0].shape[1], x.dtype, _checks.keeps_grad((x, *states, *weights))):
         return None
     return getattr(torch.ops.rnnkern_C, kernel)(x, *states, *weights)

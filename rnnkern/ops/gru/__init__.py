@@ -131,8 +131,7 @@ def gru_layer(
     """
     h0, lengths = _validate(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
     name = _backends.select("gru_layer", x.device, x.dtype, _supports, backend)
-    training = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, h0, w_ih, w_hh, b_ih, b_hh))
+    training = _checks.keeps_grad((x, h0, w_ih, w_hh, b_ih, b_hh))
     if takes_step_kernel(name, x, lengths, training):
         return torch.ops.rnnkern_C.gru_step(x, h0, w_ih, w_hh, b_ih, b_hh)  # (B, 1, H), (B, H)
     gx = input_projection(x, w_ih, b_ih, name)  # (B, T, 3H)

@@ -147,8 +147,7 @@ def lstm_layer(
     """
     h0, c0, lengths = _validate(x, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
     name = _backends.select("lstm_layer", x.device, x.dtype, _supports, backend)
-    training = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+    training = _checks.keeps_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
     if w_hr is None and takes_step_kernel(name, x, lengths, training):
         y, h_n, c_n = torch.ops.rnnkern_C.lstm_step(x, h0, c0, w_ih, w_hh, b_ih, b_hh)  # (B, 1, H), (B, H)
         return y, (h_n, c_n)

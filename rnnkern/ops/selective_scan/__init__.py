@@ -183,7 +183,7 @@ def selective_scan(
     name = _backends.select("selective_scan", u.device, u.dtype, _supports, backend)
     acc = state_dtype(u.dtype)
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    training = _checks.keeps_grad(tensors)
     out, last_state, _ = _selective_scan_op(
         u.contiguous(), delta.contiguous(), A.to(acc).contiguous(), _variable(B), _variable(C),
         _vector(D, acc), None if z is None else z.contiguous(), _vector(delta_bias, acc), delta_softplus,
