@@ -4,19 +4,26 @@ Arguments are built outside the timer: either captured once by the timed callabl
 fresh before each repeat by a `setup` callable. On CUDA each repeat is bracketed by CUDA
 events after a synchronize; on CPU it is timed with time.perf_counter.
 
+Callables that are compared with each other (a kernel and its baseline) are measured
+together, taking turns of about TURN_MS each: every round gives each of them a turn, in an
+order rotated by one per round. A burst of load from elsewhere on a shared machine then
+lands on all of them alike instead of on whichever happened to be running (the reason
+behind Google Benchmark's random interleaving of repetitions); timed one whole series after
+the other, the same two LSTMs gave ratios from 0.8 to 1.5 on a 2-core VM.
+
 On CPU, how long an op that allocates a large output takes depends on the C allocator's
 state: memory another op freed may be reused with its pages already mapped, or the output
-may come fresh from the OS and fault in every 4 KiB page. So each callable is warmed up
-and timed in consecutive calls, starting from a heap whose freed memory went back to the
-OS (glibc's malloc_trim, where present): it runs in the steady state it would reach when
-called over and over, not in whatever state the previous benchmark left.
+may come fresh from the OS and fault in every 4 KiB page. So the callables are warmed up
+and timed starting from a heap whose freed memory went back to the OS (glibc's
+malloc_trim, where present): they run in the steady state that calling them over and over
+reaches, not in whatever state the previous benchmark left.
 """
 import ctypes
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -25,9 +32,14 @@ Setup = Optional[Callable[[], tuple]]
 
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
 
+# A turn of measure_together: consecutive calls of one callable lasting about this long.
+TURN_MS = 10.0
+
 METHOD = {
-    "cpu": "time.perf_counter around each call; malloc_trim before each callable's warmup",
-    "cuda": "CUDA events around each call, after torch.cuda.synchronize()",
+    "cpu": f"time.perf_counter around each call; compared callables take turns of ~{TURN_MS:g} ms of calls "
+           "(rotated order per round); malloc_trim before the warmup",
+    "cuda": "CUDA events around each call, after torch.cuda.synchronize(); compared callables take turns "
+            f"of ~{TURN_MS:g} ms of calls (rotated order per round)",
 }
 
 
@@ -81,6 +93,40 @@ def measure(run: Callable, settings: Settings, setup: Setup = None) -> Timing:
     for _ in range(settings.warmup):
         run(*arguments(setup))
     return Timing.of([_time_once(run, arguments(setup), settings.device) for _ in range(settings.repeats)])
+
+
+
+def measure_together(runs: Sequence[Callable], settings: Settings,
+                     setups: Optional[Sequence[Setup]] = None) -> list[Timing]:
+    """One Timing per callable of `runs`, each called with its setup's arguments.
+
+    Each callable is warmed up settings.warmup times. Then in each of settings.repeats rounds
+    every callable takes a turn, round r starting from callable r mod len(runs). A turn is
+    the consecutive calls that fill about TURN_MS (at least one, by the last warmup call's
+    time), each timed alone: a call of a tenth of a millisecond is timed after calls of its
+    own, with its weights in cache, not right after another callable's.
+    """
+    setups = [None] * len(runs) if setups is None else list(setups)
+    if len(setups) != len(runs):
+        raise ValueError(f"got {len(runs)} callables but {len(setups)} setups")
+    if settings.device.type == "cpu":
+        release_freed_memory()
+    calls_per_turn = [_calls_per_turn(run, setup, settings) for run, setup in zip(runs, setups)]
+    samples_ms: list[list[float]] = [[] for _ in runs]
+    for round_index in range(settings.repeats):
+        for offset in range(len(runs)):
+            i = (round_index + offset) % len(runs)
+            samples_ms[i] += [_time_once(runs[i], arguments(setups[i]), settings.device)
+                              for _ in range(calls_per_turn[i])]
+    return [Timing.of(samples) for samples in samples_ms]
+
+
+def _calls_per_turn(run: Callable, setup: Setup, settings: Settings) -> int:
+    """Warms `run` up; returns how many of its calls fill a turn of TURN_MS."""
+    last_ms = TURN_MS
+    for _ in range(settings.warmup):
+        last_ms = _time_once(run, arguments(setup), settings.device)
+    return max(1, int(TURN_MS / max(last_ms, 1e-3)))
 
 
 def release_freed_memory() -> None:

@@ -22,7 +22,7 @@ import rnnkern
 import rnnkern.nn
 from benchmarks import memory
 from benchmarks.report import PEAK_MEMORY_COLUMN, TIMING_COLUMNS, progress
-from benchmarks.timing import Settings, measure
+from benchmarks.timing import Settings, measure_together
 
 SECTION = "kernels"
 COLUMNS = [
@@ -69,22 +69,19 @@ def run_suite(kind: str, settings: Settings) -> list[dict[str, Any]]:
     records = []
     for case in cases(settings.device, settings.quick):
         baseline = torch_module(kind, case)
-        torch_record = _measure(kind, "torch.nn", baseline, case, settings)
-        records.append({**torch_record, "speedup_vs_torch": 1.0})
+        contenders, skipped = {"torch.nn": baseline}, []
         for backend in BACKENDS[case.device.type]:
             reason = refusal(kind, backend, case)
             if reason is not None:
-                records.append({**_identity(kind, backend, case), "skipped": reason})
-                continue
-            ours = rnnkern_module(kind, baseline, backend)
-            record = _measure(kind, backend, ours, case, settings)
-            records.append({**record, "speedup_vs_torch": torch_record["ms_median"] / record["ms_median"]})
+                skipped.append({**_identity(kind, backend, case), "skipped": reason})
+            else:
+                contenders[backend] = rnnkern_module(kind, baseline, backend)
         peer = FlashRNNPeer.create(kind, baseline, case)
         if isinstance(peer, str):
-            records.append({**_identity(kind, "flashrnn", case), "skipped": peer})
+            skipped.append({**_identity(kind, "flashrnn", case), "skipped": peer})
         elif peer is not None:
-            record = _measure(kind, "flashrnn", peer, case, settings)
-            records.append({**record, "speedup_vs_torch": torch_record["ms_median"] / record["ms_median"]})
+            contenders["flashrnn"] = peer
+        records += _measure(kind, contenders, case, settings) + skipped
     return records
 
 
@@ -155,12 +152,16 @@ def refusal(kind: str, backend: str, case: Case) -> Optional[str]:
 GATES = {"lstm": 4, "gru": 3}
 
 
-def _measure(kind: str, backend: str, module: torch.nn.Module, case: Case, settings: Settings) -> dict[str, Any]:
-    progress(f"{kind} {case.direction} B{case.batch}-T{case.steps}-H{case.hidden}-{case.dtype_name}: {backend}")
-    run = timed_call(kind, module, case)
-    timing = measure(run, settings)
-    return {**_identity(kind, backend, case), **timing.as_record(),
-            "peak_mem_bytes": memory.peak_bytes(run, case.device)}
+def _measure(kind: str, modules: dict[str, torch.nn.Module], case: Case, settings: Settings) -> list[dict[str, Any]]:
+    """Records of `modules` (torch.nn's first) timed together, each with its ratio to torch.nn."""
+    progress(f"{kind} {case.direction} B{case.batch}-T{case.steps}-H{case.hidden}-{case.dtype_name}: "
+             + ", ".join(modules))
+    runs = [timed_call(kind, module, case) for module in modules.values()]
+    timings = measure_together(runs, settings)
+    baseline_ms = timings[0].median_ms
+    return [{**_identity(kind, name, case), **timing.as_record(), "speedup_vs_torch": baseline_ms / timing.median_ms,
+             "peak_mem_bytes": memory.peak_bytes(run, case.device)}
+            for name, run, timing in zip(modules, runs, timings)]
 
 
 def timed_call(kind: str, module: torch.nn.Module, case: Case) -> Callable[[], Any]:

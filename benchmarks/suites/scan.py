@@ -33,7 +33,7 @@ import torch
 import rnnkern
 from benchmarks import memory
 from benchmarks.report import PEAK_MEMORY_COLUMN, TIMING_COLUMNS, progress
-from benchmarks.timing import Settings, Setup, Timing, measure
+from benchmarks.timing import Settings, Setup, Timing, measure_together
 
 SECTION = "kernels"
 COLUMNS = [
@@ -244,10 +244,9 @@ def _run_case(case: Case, settings: Settings) -> list[dict[str, Any]]:
 
 def _compare(case: Case, benches: list[Bench], settings: Settings, tensor_bytes: int) -> list[dict[str, Any]]:
     """Measures `benches` (floor first, loop second) and relates each to the floor and the loop."""
-    records = []
-    for bench in benches:
-        progress(f"scan {case.id}: {bench.direction} {bench.label}")
-        records.append(_record(case, bench, measure(bench.run, settings, bench.setup), tensor_bytes))
+    progress(f"scan {case.id}: {benches[0].direction} " + ", ".join(bench.label for bench in benches))
+    timings = measure_together([bench.run for bench in benches], settings, [bench.setup for bench in benches])
+    records = [_record(case, bench, timing, tensor_bytes) for bench, timing in zip(benches, timings)]
     floor, loop = records[0], records[1]
     for record in records:
         record["floor_op"] = floor["op"]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import rnnkern
 from benchmarks import memory
 from benchmarks.report import PEAK_MEMORY_COLUMN, TIMING_COLUMNS, progress
-from benchmarks.timing import Settings, measure
+from benchmarks.timing import Settings, measure_together
 
 SECTION = "kernels"
 COLUMNS = [
@@ -63,19 +63,18 @@ def run(settings: Settings) -> list[dict[str, Any]]:
     records = []
     for case in cases(settings.device, settings.quick):
         inputs = make_inputs(case)
-        loop = _measure("torch_loop", torch_loop, inputs, case, settings)
-        records.append({**loop, "speedup_vs_loop": 1.0})
-        contenders = [(name, functools.partial(rnnkern_scan, name)) for name in BACKENDS[case.device.type]]
+        contenders = {"torch_loop": torch_loop}
+        contenders.update((name, functools.partial(rnnkern_scan, name)) for name in BACKENDS[case.device.type])
         peer = _mamba_ssm() if case.device.type == "cuda" else None
         if peer is not None:
-            contenders.append(("mamba_ssm", peer))
-        for name, scan in contenders:
+            contenders["mamba_ssm"] = peer
+        skipped = []
+        for name in list(contenders):
             reason = refusal(name, case)
             if reason is not None:
-                records.append({**_identity(name, case), "skipped": reason})
-                continue
-            record = _measure(name, scan, inputs, case, settings)
-            records.append({**record, "speedup_vs_loop": loop["ms_median"] / record["ms_median"]})
+                skipped.append({**_identity(name, case), "skipped": reason})
+                del contenders[name]
+        records += _measure(contenders, inputs, case, settings) + skipped
     return records
 
 
@@ -141,12 +140,17 @@ def refusal(name: str, case: Case) -> Optional[str]:
     return None
 
 
-def _measure(name: str, scan: Callable, inputs: dict, case: Case, settings: Settings) -> dict[str, Any]:
+def _measure(scans: dict[str, Callable], inputs: dict, case: Case, settings: Settings) -> list[dict[str, Any]]:
+    """Records of `scans` (the loop first) timed together, each with its speedup over the loop."""
     batch, dim, length, state = case.shape
-    progress(f"selective_scan {case.direction} B{batch}-D{dim}-L{length}-N{state}-{case.dtype_name}: {name}")
-    call = timed_call(scan, inputs, case.direction)
-    timing = measure(call, settings)
-    return {**_identity(name, case), **timing.as_record(), "peak_mem_bytes": memory.peak_bytes(call, case.device)}
+    progress(f"selective_scan {case.direction} B{batch}-D{dim}-L{length}-N{state}-{case.dtype_name}: "
+             + ", ".join(scans))
+    calls = [timed_call(scan, inputs, case.direction) for scan in scans.values()]
+    timings = measure_together(calls, settings)
+    loop_ms = timings[0].median_ms
+    return [{**_identity(name, case), **timing.as_record(), "speedup_vs_loop": loop_ms / timing.median_ms,
+             "peak_mem_bytes": memory.peak_bytes(call, case.device)}
+            for name, call, timing in zip(scans, calls, timings)]
 
 
 def timed_call(scan: Callable, inputs: dict, direction: str) -> Callable[[], Any]:
