@@ -70,19 +70,20 @@ struct LstmForward {
     const scalar_t* __restrict x = gx.at(b, t);
     const acc_t* __restrict p = pre + b * kGates * H;
     acc_t* __restrict c_row = c + b * H;
+    // One pass per activation, then the state: each loop body is short enough for the CPU
+    // to overlap its iterations, where one fused body of five activations ran 2-4% slower
+    // (whole recurrence, B=16 H=256 on a Zen 3). The gate row stays in L1 between passes.
+#pragma omp simd
+    for (int64_t j = 0; j < 2 * H; ++j) gate[j] = cpu::sigmoid(static_cast<acc_t>(x[j]) + p[j]);  // i, f
+#pragma omp simd
+    for (int64_t j = 2 * H; j < 3 * H; ++j) gate[j] = cpu::tanh(static_cast<acc_t>(x[j]) + p[j]);  // g
+#pragma omp simd
+    for (int64_t j = 3 * H; j < 4 * H; ++j) gate[j] = cpu::sigmoid(static_cast<acc_t>(x[j]) + p[j]);  // o
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
-      const acc_t i = cpu::sigmoid(static_cast<acc_t>(x[j]) + p[j]);
-      const acc_t f = cpu::sigmoid(static_cast<acc_t>(x[H + j]) + p[H + j]);
-      const acc_t g = cpu::tanh(static_cast<acc_t>(x[2 * H + j]) + p[2 * H + j]);
-      const acc_t o = cpu::sigmoid(static_cast<acc_t>(x[3 * H + j]) + p[3 * H + j]);
-      const acc_t c_new = f * c_row[j] + i * g;
-      gate[j] = i;
-      gate[H + j] = f;
-      gate[2 * H + j] = g;
-      gate[3 * H + j] = o;
+      const acc_t c_new = gate[H + j] * c_row[j] + gate[j] * gate[2 * H + j];
       cell[j] = c_row[j] = c_new;
-      m_row[j] = static_cast<acc_t>(static_cast<scalar_t>(o * cpu::tanh(c_new)));
+      m_row[j] = static_cast<acc_t>(static_cast<scalar_t>(gate[3 * H + j] * cpu::tanh(c_new)));
     }
   }
 
