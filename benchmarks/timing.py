@@ -87,13 +87,14 @@ def arguments(setup: Setup) -> tuple:
 
 
 def measure(run: Callable, settings: Settings, setup: Setup = None) -> Timing:
-    """Times run(*setup()) settings.repeats times in a row, after settings.warmup untimed calls."""
+    """Times run(*setup()) settings.repeats times in a row, after settings.warmup untimed calls:
+    for a callable compared with nothing in the same run, or one that must be called exactly
+    warmup + repeats times (a decoder whose cache grows by one token per call)."""
     if settings.device.type == "cpu":
         release_freed_memory()
     for _ in range(settings.warmup):
         run(*arguments(setup))
     return Timing.of([_time_once(run, arguments(setup), settings.device) for _ in range(settings.repeats)])
-
 
 
 def measure_together(runs: Sequence[Callable], settings: Settings,
