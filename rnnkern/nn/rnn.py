@@ -26,9 +26,6 @@ __all__ = ["LSTM", "GRU"]
 
 States = tuple[Tensor, ...]  # (h,) for GRU, (h, c) for LSTM; each (num_layers * D, B, size)
 
-# Layer 0's forward-direction parameter names of w_ih, w_hh, b_ih, b_hh (the streaming path's)
-_LAYER0_NAMES = tuple(PARAMETER_NAMES[argument] + "_l0" for argument in ("w_ih", "w_hh", "b_ih", "b_hh"))
-
 
 class _Recurrent(nn.Module):
     """A stack of ``num_layers`` recurrent layers, each in one or two directions.
@@ -144,56 +141,68 @@ class _Recurrent(nn.Module):
         return (y if self.batch_first else y.transpose(0, 1)), self._hidden_output(finals)
 
     def _streaming_step(self, input: Tensor, hx):
-        """A one-token call (T = 1) of a one-layer, one-direction module straight to the cpu
-        backend's step kernel, without the generic path's Python, which at H = 256 costs about
-        as much as the kernel. None for any other call, and for any input the cheap checks here
-        do not accept: the generic path then runs it and raises its errors.
+        """A one-token call (T = 1) of a one-direction, unprojected module straight to the cpu
+        backend's step kernel, layer by layer, without the generic path's Python, which at
+        H = 256 costs about as much as the kernel. None for any other call, for training-mode
+        dropout between layers, and for any input the cheap checks here do not accept: the
+        generic path then runs it and raises its errors.
 
         The checks are attribute reads and comparisons, with few function calls: in a
         streaming loop each Python call costs a microsecond or more (several times what it
         costs timed alone), and a select() per token cost about as much as the rest."""
-        if (self.num_layers != 1 or self.bidirectional or self.proj_size or not isinstance(input, Tensor)
-                or input.dim() != 3 or input.shape[2] != self.input_size or not input.is_cpu):
+        if (self.bidirectional or self.proj_size or not isinstance(input, Tensor) or input.dim() != 3
+                or input.shape[2] != self.input_size or not input.is_cpu
+                or (self.training and self.dropout > 0 and self.num_layers > 1)):
             return None
         batch, steps = (input.shape[0], input.shape[1]) if self.batch_first else (input.shape[1], input.shape[0])
         if steps != 1:
             return None
         weights = self._step_weights()
-        if weights is None or input.dtype != weights[0].dtype:
+        if weights is None or input.dtype != weights[0][0].dtype:
             return None
         states = self._step_states(hx, input, batch)
         if states is None:
             return None
-        result = streaming_step(self._step_kernel, self.backend, input, states, weights)
-        if result is None:
-            return None
-        y, *finals = result  # y like input, finals (1, B, size) each
-        return y, self._hidden_output(finals)
+        if self.num_layers == 1:  # the states' views need no stacking
+            result = streaming_step(self._step_kernel, self.backend, input, states, weights[0])
+            if result is None:
+                return None
+            y, *finals = result  # y like input, finals (1, B, size) each
+            return y, self._hidden_output(finals)
+        y, finals = input, []
+        for layer, layer_weights in enumerate(weights):
+            layer_states = tuple(state[layer : layer + 1] for state in states)  # (1, B, size) views
+            result = streaming_step(self._step_kernel, self.backend, y, layer_states, layer_weights)
+            if result is None:
+                return None
+            y, *layer_finals = result
+            finals.append(layer_finals)
+        return y, self._hidden_output(tuple(torch.cat(parts) for parts in zip(*finals)))
 
-    def _step_weights(self) -> Optional[tuple]:
-        """(w_ih, w_hh, b_ih, b_hh) of layer 0 as registered parameters (biases None without
+    def _step_weights(self) -> Optional[list[tuple]]:
+        """Per layer, (w_ih, w_hh, b_ih, b_hh) as registered parameters (biases None without
         bias), or None where one is not a registered parameter (a parametrization, say), for
-        the generic path's getattr to resolve."""
-        parameters = self._parameters
-        w_ih, w_hh = parameters.get(_LAYER0_NAMES[0]), parameters.get(_LAYER0_NAMES[1])
-        if not self.bias:
-            return None if w_ih is None or w_hh is None else (w_ih, w_hh, None, None)
-        b_ih, b_hh = parameters.get(_LAYER0_NAMES[2]), parameters.get(_LAYER0_NAMES[3])
-        if w_ih is None or w_hh is None or b_ih is None or b_hh is None:
-            return None
-        return w_ih, w_hh, b_ih, b_hh
+        the generic path's getattr to resolve. For a one-direction stack."""
+        parameters, layers = self._parameters, []
+        for names in self._weight_names:
+            w_ih, w_hh = parameters.get(names["w_ih"]), parameters.get(names["w_hh"])
+            b_ih, b_hh = (parameters.get(names["b_ih"]), parameters.get(names["b_hh"])) if self.bias else (None, None)
+            if w_ih is None or w_hh is None or (self.bias and (b_ih is None or b_hh is None)):
+                return None
+            layers.append((w_ih, w_hh, b_ih, b_hh))
+        return layers
 
     def _step_states(self, hx, x: Tensor, batch: int) -> Optional[States]:
-        """hx as (1, B, H) tensors for a one-layer, one-direction, unprojected streaming call
-        on x (zeros for None), or None unless every state is a (1, B, H) tensor of x's dtype."""
-        size = self.hidden_size
+        """hx as (L, B, H) tensors for a one-direction, unprojected streaming call on x (zeros
+        for None), or None unless every state is an (L, B, H) tensor of x's dtype."""
+        shape = (self.num_layers, batch, self.hidden_size)
         if hx is None:
-            return (x.new_zeros(1, batch, size),) * len(self._state_names)
+            return (x.new_zeros(shape),) * len(self._state_names)
         states = hx if isinstance(hx, (tuple, list)) else (hx,)
         if len(states) != len(self._state_names):
             return None
         for state in states:
-            if not isinstance(state, Tensor) or state.dtype != x.dtype or state.shape != (1, batch, size):
+            if not isinstance(state, Tensor) or state.dtype != x.dtype or state.shape != shape:
                 return None
         return tuple(states)
 

@@ -291,22 +291,26 @@ def test_streaming_one_step_at_a_time_equals_sequence(mode, device, backend):
 CPU_LAYERS = [p for p in mode_backends("layer", fp64=True) if p.values[2] == "cpu"]
 
 
+@pytest.mark.parametrize("num_layers", [1, 3], ids=["1-layer", "3-layers"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "no-hx"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "time-first"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("mode,device,backend", CPU_LAYERS)
-def test_one_layer_streaming_call_takes_the_step_kernel(mode, device, backend, dtype, batch_first, with_hx, bias,
-                                                        monkeypatch):
-    """A one-token call of a one-layer module goes straight to the step kernel (the module's
-    streaming fast path, not the generic layer loop) and returns what torch.nn returns, in
-    torch.nn's shapes."""
-    expected, actual = make_pair(mode, device, backend, dtype=dtype, batch_first=batch_first, bias=bias)
+def test_streaming_call_takes_the_step_kernel(mode, device, backend, dtype, batch_first, with_hx, bias, num_layers,
+                                              monkeypatch):
+    """A one-token call of a one-direction module goes straight to the step kernel, layer by
+    layer (the module's streaming fast path, not the generic layer loop), and returns what
+    torch.nn returns, in torch.nn's shapes; with dropout between layers in eval mode too."""
+    expected, actual = make_pair(mode, device, backend, dtype=dtype, batch_first=batch_first, bias=bias,
+                                 num_layers=num_layers, dropout=0.5 if num_layers > 1 else 0.0)
+    expected.eval()
+    actual.eval()
     monkeypatch.setattr(actual, "_run", lambda *args: pytest.fail("the generic path ran"))
     x = sequence(batch_first, 3, 1, device, dtype)
     hx = None
     if with_hx:
-        states = [torch.randn(1, 3, HIDDEN_SIZE, dtype=dtype) for _ in range(2 if mode == "lstm" else 1)]
+        states = [torch.randn(num_layers, 3, HIDDEN_SIZE, dtype=dtype) for _ in range(2 if mode == "lstm" else 1)]
         hx = tuple(states) if mode == "lstm" else states[0]
     with torch.no_grad():
         want_y, want_states = expected(x, hx)
@@ -333,25 +337,26 @@ def _halve_w_hh(expected, actual):
         expected.weight_hh_l0.mul_(0.5)
 
 
-STEP_KERNEL_REFUSALS = {  # name: (rnnkern module options, what the test changes, whether under no_grad)
-    "module-backend": (dict(backend="reference"), None, True),
-    "env-backend": ({}, lambda monkeypatch, *_: monkeypatch.setenv("RNNKERN_BACKEND", "reference"), True),
-    "grad-enabled": ({}, None, False),
-    "parametrized-weight": ({}, lambda _, expected, actual: _halve_w_hh(expected, actual), True),
+STEP_KERNEL_REFUSALS = {  # name: (options of both modules, rnnkern's own, what the test changes, under no_grad)
+    "module-backend": ({}, dict(backend="reference"), None, True),
+    "env-backend": ({}, {}, lambda monkeypatch, *_: monkeypatch.setenv("RNNKERN_BACKEND", "reference"), True),
+    "grad-enabled": ({}, {}, None, False),
+    "parametrized-weight": ({}, {}, lambda _, expected, actual: _halve_w_hh(expected, actual), True),
+    # training mode: dropout (p = 1 zeroes every input after the first layer) between the layers
+    "training-dropout": (dict(num_layers=2, dropout=1.0), {}, None, True),
 }
 
 
 @pytest.mark.parametrize("case", STEP_KERNEL_REFUSALS.values(), ids=STEP_KERNEL_REFUSALS.keys())
 @pytest.mark.parametrize("mode", MODULES)
-def test_one_layer_streaming_call_takes_the_generic_path_where_the_step_kernel_does_not_apply(
-        mode, case, monkeypatch):
+def test_streaming_call_takes_the_generic_path_where_the_step_kernel_does_not_apply(mode, case, monkeypatch):
     """The fast path's cheap checks stand in for the layer op's backend choice and conditions:
-    a forced backend, gradients to keep and weights that are not plain parameters all go
-    through the generic path, and the result is still torch.nn's."""
-    options, change, no_grad = case
+    a forced backend, gradients to keep, weights that are not plain parameters and dropout in
+    training mode all go through the generic path, and the result is still torch.nn's."""
+    shared, options, change, no_grad = case
     torch.manual_seed(0)
-    expected = MODULES[mode][0](INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64)
-    actual = MODULES[mode][1](INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64, **options)
+    expected = MODULES[mode][0](INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64, **shared)
+    actual = MODULES[mode][1](INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64, **shared, **options)
     actual.load_state_dict(expected.state_dict(), strict=True)
     if change is not None:
         change(monkeypatch, expected, actual)
