@@ -17,7 +17,7 @@ def _with_cuda() -> bool:
 
 def _extension():
     sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # the C++ standard: the one torch's BuildExtension picks for its headers
     link_flags = []
     if sys.platform.startswith("linux"):
         # at::parallel_for is an OpenMP pragma in a header: without -fopenmp it runs serially
@@ -28,7 +28,7 @@ def _extension():
             "rnnkern._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
         )
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
     for cc in ("80", "90"):
         nvcc_flags += ["-gencode", f"arch=compute_{cc},code=sm_{cc}"]
     return CUDAExtension(
