@@ -73,8 +73,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_step_cpu(
     const at::Tensor& x, const at::Tensor& h, const at::Tensor& c, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh);
 
-std::tuple<at::Tensor, at::Tensor> gru_step_cpu(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                        const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh);
+std::tuple<at::Tensor, at::Tensor> gru_step_cpu(
+    const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh);
 
 // One-token Mamba decode steps for fp32/fp64, the states updated in place (see
 // rnnkern/ops/causal_conv1d/reference.py and rnnkern/ops/selective_scan/reference.py).

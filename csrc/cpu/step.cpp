@@ -235,8 +235,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_step_cpu(
   return {y, h_out, c_out};
 }
 
-std::tuple<at::Tensor, at::Tensor> gru_step_cpu(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                        const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+std::tuple<at::Tensor, at::Tensor> gru_step_cpu(
+    const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
   check_step_inputs("gru_step", x, h, w_ih, w_hh, b_ih, b_hh, 3);
   const StepOperands operands(x, h, w_ih, w_hh, b_ih, b_hh, 3);
   at::Tensor y = x.new_empty(cpu::with_last_dim(x, h.size(-1)));
