@@ -39,9 +39,12 @@ def previous_states(y: Tensor, h0: Tensor, lengths: Optional[Tensor], reverse: b
     return shifted.scatter(1, first, h0[:, None].to(y.dtype))
 
 
-# Above this batch the one-token step kernel loses to the sequence kernel's batched GEMM
-# (2-core Zen 4, H = 256: 162 vs 235 us at B = 16, 600 vs 480 us at B = 64 for the LSTM).
-STEP_KERNEL_MAX_BATCH = 16
+# Up to this batch the one-token step kernel beats the sequence kernel's batched GEMM. Layer
+# op medians at H = 256, step vs sequence kernel: on a 2-core Zen 4, LSTM 162 vs 235 us at
+# B = 16 and 600 vs 480 us at B = 64 (level near B = 32 if linear in B); on a 2-core Zen 3
+# (AVX2 panel GEMM), LSTM 318 vs 522 us at 16, 568 vs 676 at 32, 1371 vs 1677 at 64, and GRU
+# 455 vs 551 us at 32, 786 vs 720 at 64.
+STEP_KERNEL_MAX_BATCH = 32
 
 
 def takes_step_kernel(backend: str, x: Tensor, lengths: Optional[Tensor], training: bool) -> bool:

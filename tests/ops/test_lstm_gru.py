@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import rnnkern
+from rnnkern.ops._sequences import STEP_KERNEL_MAX_BATCH
 from tests.conftest import backend_params, ran_op
 from tests.ops.recurrent import GRU, KINDS, LSTM, lengths_tensor, outputs_and_grads, random_weights
 from tests.tolerances import assert_close
@@ -333,7 +334,7 @@ def _ran_step_kernel(kind, run) -> bool:
     return ran_op(f"rnnkern_C::{kind.name}_step", run)
 
 
-@pytest.mark.parametrize("batch", [1, 3, 16, 17])
+@pytest.mark.parametrize("batch", [1, 3, STEP_KERNEL_MAX_BATCH, STEP_KERNEL_MAX_BATCH + 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("kind,device,backend", CPU)
@@ -348,7 +349,7 @@ def test_one_token_step_kernel_matches_reference(kind, device, backend, bias, dt
         got = kind.layer(x, states, weights, backend=backend)
         want = kind.layer(x, states, weights, backend="reference")
         took_step_kernel = _ran_step_kernel(kind, lambda: kind.layer(x, states, weights, backend=backend))
-    assert took_step_kernel == (batch <= 16)
+    assert took_step_kernel == (batch <= STEP_KERNEL_MAX_BATCH)
     for name, g, w in zip(["y", "h", "c"], got, want):
         assert_close(g, w, dtype, name)
     assert got[0].data_ptr() != got[1].data_ptr(), "y must not alias h_T"
