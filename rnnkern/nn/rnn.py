@@ -163,16 +163,11 @@ class _Recurrent(nn.Module):
         states = self._step_states(hx, input, batch)
         if states is None:
             return None
-        one_layer = len(weights) == 1
-        y, finals = input, []
-        for layer, layer_weights in enumerate(weights):
-            layer_states = states if one_layer else tuple(state[layer : layer + 1] for state in states)  # (1, B, size)
-            result = streaming_step(self._step_kernel, self.backend, y, layer_states, layer_weights)
-            if result is None:
-                return None
-            y, *layer_finals = result  # y like input, layer_finals (1, B, size) each
-            finals.append(layer_finals)
-        return y, self._hidden_output(finals[0] if one_layer else tuple(torch.cat(parts) for parts in zip(*finals)))
+        result = streaming_step(self._step_kernel, self.backend, input, states, weights)
+        if result is None:
+            return None
+        y, *finals = result  # y like input, finals (L, B, size) each
+        return y, self._hidden_output(finals)
 
     def _step_weights(self) -> Optional[list[tuple]]:
         """Per layer, (w_ih, w_hh, b_ih, b_hh) as registered parameters (biases None without

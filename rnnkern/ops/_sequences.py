@@ -61,16 +61,25 @@ def step_kernel_applies(backend: str, batch: int, dtype: torch.dtype, training: 
             and dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling())
 
 
-def streaming_step(kernel: str, backend: Optional[str], x: Tensor, states: tuple, weights: tuple):
-    """One token for each of B rows on the cpu step kernel rnnkern_C.<kernel>, for the
-    modules' streaming calls: x (1, B, I) or (B, 1, I) and states (1, B, H) as the module has
-    them (the kernel keeps their leading dimensions). It runs where the layer op would take the
-    same kernel: the module's `backend` (or RNNKERN_BACKEND) leaves the cpu backend chosen, and
-    step_kernel_applies. There are no Python shape checks: the kernel checks shapes and dtypes
-    against the weights (w_ih, w_hh, b_ih, b_hh) itself. Returns the kernel's (y shaped like
-    x, *new states shaped like states), or None where the layer op would not take it."""
+def streaming_step(kernel: str, backend: Optional[str], x: Tensor, states: tuple, layers: list):
+    """One token for each of B rows through a stack of layers on the cpu step kernel
+    rnnkern_C.<kernel>, for the modules' streaming calls: x (1, B, I) or (B, 1, I) and states
+    (L, B, H) as the module has them (the kernel keeps their leading dimensions), `layers` one
+    (w_ih, w_hh, b_ih, b_hh) per layer. It runs where the layer op would take the same kernel:
+    the module's `backend` (or RNNKERN_BACKEND) leaves the cpu backend chosen, and
+    step_kernel_applies; both are checked once for the whole stack. There are no Python shape
+    checks: the kernel checks shapes and dtypes against each layer's weights itself. Returns
+    (y shaped like x, *new states (L, B, H)), or None where the layer op would not take it."""
     if not _backends.selects_compiled_cpu_kernel(backend, kernel):
         return None
+    weights = [w for layer in layers for w in layer]
     if not step_kernel_applies("cpu", states[0].shape[1], x.dtype, _checks.keeps_grad((x, *states, *weights))):
         return None
-    return getattr(torch.ops.rnnkern_C, kernel)(x, *states, *weights)
+    step = getattr(torch.ops.rnnkern_C, kernel)
+    if len(layers) == 1:  # the states as they are, no stacking of the finals
+        return step(x, *states, *layers[0])
+    y, finals = x, []
+    for layer, layer_weights in enumerate(layers):
+        y, *layer_finals = step(y, *(state[layer : layer + 1] for state in states), *layer_weights)  # (1, B, H)
+        finals.append(layer_finals)
+    return (y, *(torch.cat(parts) for parts in zip(*finals)))
