@@ -1,5 +1,6 @@
-"""Builds rnnkern._C: the CPU kernels always, the CUDA kernels when a CUDA toolkit and a
-CUDA build of torch are both present (RNNKERN_NO_CUDA=1 turns them off)."""
+"""Builds rnnkern._C: the CPU kernels always, the CUDA kernels (csrc/cuda/*.cu) when there are
+any and a CUDA toolkit and a CUDA build of torch are both present (RNNKERN_NO_CUDA=1 turns them
+off). Without .cu files the build is a plain C++ extension, linked to no CUDA library."""
 import glob
 import os
 import sys
@@ -9,10 +10,10 @@ from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 
-def _with_cuda() -> bool:
-    if os.environ.get("RNNKERN_NO_CUDA") == "1":
-        return False
-    return CUDA_HOME is not None and torch.version.cuda is not None
+def _cuda_sources() -> list[str]:
+    if os.environ.get("RNNKERN_NO_CUDA") == "1" or CUDA_HOME is None or torch.version.cuda is None:
+        return []
+    return sorted(glob.glob("csrc/cuda/*.cu"))
 
 
 def _extension():
@@ -23,11 +24,11 @@ def _extension():
         # at::parallel_for is an OpenMP pragma in a header: without -fopenmp it runs serially
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
-    if not _with_cuda():
+    cuda_sources = _cuda_sources()
+    if not cuda_sources:
         return CppExtension(
             "rnnkern._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
         )
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
     for cc in ("80", "90"):
         nvcc_flags += ["-gencode", f"arch=compute_{cc},code=sm_{cc}"]
