@@ -85,6 +85,11 @@ RNNKERN_AVX2 void tile(int64_t k, const float* a, int64_t lda, const float* pane
   __m256 acc_00 = start_lo, acc_01 = start_hi, acc_10 = start_lo, acc_11 = start_hi;
   __m256 acc_20 = start_lo, acc_21 = start_hi, acc_30 = start_lo, acc_31 = start_hi;
   __m256 acc_40 = start_lo, acc_41 = start_hi, acc_50 = start_lo, acc_51 = start_hi;
+  // Four steps of p per trip: the loop's own counter, compare and branch then cost a quarter,
+  // which the three-row tile (six FMAs a step) feels most. LSTM layer forward, B=16 T=256
+  // H=256 on a 2-core Zen 3, builds alternating process by process: medians 44.0 -> 39.3,
+  // 43.2 -> 41.4 and 42.1 -> 39.8 ms; unrolling by 8 gained no more.
+#pragma GCC unroll 4
   for (int64_t p = 0; p < k; ++p) {
     const __m256 b_lo = _mm256_load_ps(panel + p * kPanelWidth);
     const __m256 b_hi = _mm256_load_ps(panel + p * kPanelWidth + 8);
