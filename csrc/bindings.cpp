@@ -19,17 +19,17 @@ TORCH_LIBRARY(rnnkern_C, m) {
       "linear_scan_bwd(Tensor a, Tensor h, Tensor? initial_state, Tensor grad_h, "
       "Tensor? grad_final, Tensor? cu_seqlens, bool reverse) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "lstm_fwd(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
+      "lstm_layer_fwd(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
       "bool training) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "lstm_bwd(Tensor w_hh, Tensor? w_hr, Tensor c0, Tensor gates, Tensor cells, Tensor grad_y, "
+      "lstm_layer_bwd(Tensor w_hh, Tensor? w_hr, Tensor c0, Tensor gates, Tensor cells, Tensor grad_y, "
       "Tensor grad_h_n, Tensor grad_c_n, Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "gru_fwd(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse, bool training) "
+      "gru_layer_fwd(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse, bool training) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "gru_bwd(Tensor w_hh, Tensor gates, Tensor ghn, Tensor h_prev, Tensor grad_y, Tensor grad_h_n, "
+      "gru_layer_bwd(Tensor w_hh, Tensor gates, Tensor ghn, Tensor h_prev, Tensor grad_y, Tensor grad_h_n, "
       "Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor)");
   m.def(
       "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
@@ -43,7 +43,7 @@ TORCH_LIBRARY(rnnkern_C, m) {
   m.def("gru_step(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> (Tensor, Tensor)");
   m.def("input_projection(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("panel_matmul(Tensor a, Tensor b) -> Tensor");
-  m.def("causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu) -> Tensor");
+  m.def("causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, str? activation) -> Tensor");
   m.def(
       "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
       "Tensor? z, Tensor? dt_bias, bool dt_softplus) -> Tensor");
@@ -52,10 +52,10 @@ TORCH_LIBRARY(rnnkern_C, m) {
 TORCH_LIBRARY_IMPL(rnnkern_C, CPU, m) {
   m.impl("linear_scan_fwd", &rnnkern::linear_scan_fwd_cpu);
   m.impl("linear_scan_bwd", &rnnkern::linear_scan_bwd_cpu);
-  m.impl("lstm_fwd", &rnnkern::lstm_fwd_cpu);
-  m.impl("lstm_bwd", &rnnkern::lstm_bwd_cpu);
-  m.impl("gru_fwd", &rnnkern::gru_fwd_cpu);
-  m.impl("gru_bwd", &rnnkern::gru_bwd_cpu);
+  m.impl("lstm_layer_fwd", &rnnkern::lstm_layer_fwd_cpu);
+  m.impl("lstm_layer_bwd", &rnnkern::lstm_layer_bwd_cpu);
+  m.impl("gru_layer_fwd", &rnnkern::gru_layer_fwd_cpu);
+  m.impl("gru_layer_bwd", &rnnkern::gru_layer_bwd_cpu);
   m.impl("selective_scan_fwd", &rnnkern::selective_scan_fwd_cpu);
   m.impl("selective_scan_bwd", &rnnkern::selective_scan_bwd_cpu);
   m.impl("lstm_step", &rnnkern::lstm_step_cpu);

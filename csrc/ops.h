@@ -2,8 +2,9 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
+#include <optional>
 #include <tuple>
 
 namespace rnnkern {
@@ -21,22 +22,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd_cpu(
 
 // LSTM recurrence over gx = x W_ih^T + biases (B, T, 4H), optionally projected by w_hr (see
 // rnnkern/ops/lstm/reference.py for the exact contract).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
     const at::Tensor& gx, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
     bool training);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
     const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, const at::Tensor& c0, const at::Tensor& gates,
     const at::Tensor& cells, const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
     const std::optional<at::Tensor>& lengths, bool reverse);
 
 // GRU recurrence over gx = x W_ih^T + b_ih (B, T, 3H) (see rnnkern/ops/gru/reference.py).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd_cpu(
     const at::Tensor& gx, const at::Tensor& h0, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& lengths, bool reverse, bool training);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd_cpu(
     const at::Tensor& w_hh, const at::Tensor& gates, const at::Tensor& ghn, const at::Tensor& h_prev,
     const at::Tensor& grad_y, const at::Tensor& grad_h_n, const std::optional<at::Tensor>& lengths, bool reverse);
 
@@ -80,7 +81,8 @@ std::tuple<at::Tensor, at::Tensor> gru_step_cpu(
 // One-token Mamba decode steps for fp32/fp64, the states updated in place (see
 // rnnkern/ops/causal_conv1d/reference.py and rnnkern/ops/selective_scan/reference.py).
 at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
-                                    const std::optional<at::Tensor>& bias, bool silu_activation);
+                                    const std::optional<at::Tensor>& bias,
+                                    std::optional<c10::string_view> activation);
 
 at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
                                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,

@@ -145,18 +145,18 @@ struct GruBackward {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd_cpu(
     const at::Tensor& gx_in, const at::Tensor& h0, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& lengths, bool reverse, bool training) {
   TORCH_CHECK(gx_in.dim() == 3 && gx_in.size(2) > 0 && gx_in.size(2) % kGates == 0,
-              "gru_fwd: gx must have shape (B, T, 3H), got ", gx_in.sizes());
+              "gru_layer_fwd: gx must have shape (B, T, 3H), got ", gx_in.sizes());
   const at::Tensor gx = cpu::unit_last_stride(gx_in);
   const int64_t batch = gx.size(0), steps = gx.size(1), hidden = gx.size(2) / kGates;
   const auto dtype = gx.scalar_type();
-  cpu::check_tensor("gru_fwd", "h0", h0, {batch, hidden}, dtype);
-  cpu::check_tensor("gru_fwd", "w_hh", w_hh, {kGates * hidden, hidden}, dtype);
-  if (b_hh.has_value()) cpu::check_tensor("gru_fwd", "b_hh", *b_hh, {kGates * hidden}, dtype);
-  const at::Tensor lens = cpu::checked_lengths("gru_fwd", lengths, batch, steps);
+  cpu::check_tensor("gru_layer_fwd", "h0", h0, {batch, hidden}, dtype);
+  cpu::check_tensor("gru_layer_fwd", "w_hh", w_hh, {kGates * hidden, hidden}, dtype);
+  if (b_hh.has_value()) cpu::check_tensor("gru_layer_fwd", "b_hh", *b_hh, {kGates * hidden}, dtype);
+  const at::Tensor lens = cpu::checked_lengths("gru_layer_fwd", lengths, batch, steps);
 
   const auto acc = at::toOpMathType(dtype);
   const auto acc_options = gx.options().dtype(acc);
@@ -168,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd_cpu(
   at::Tensor h = h0.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
   at::Tensor gh = at::empty({batch, kGates * hidden}, acc_options);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gru_fwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gru_layer_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     GruForward<scalar_t, acc_t> kernel{
         steps, hidden, Schedule::of(lens, steps, reverse), Rows<const scalar_t>::of(gx),
@@ -181,21 +181,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd_cpu(
   return {y, h.to(dtype), gates, ghn};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd_cpu(
     const at::Tensor& w_hh, const at::Tensor& gates_in, const at::Tensor& ghn_in, const at::Tensor& h_prev_in,
     const at::Tensor& grad_y_in, const at::Tensor& grad_h_n, const std::optional<at::Tensor>& lengths,
     bool reverse) {
   TORCH_CHECK(gates_in.dim() == 3 && gates_in.size(2) > 0 && gates_in.size(2) % kGates == 0,
-              "gru_bwd: gates must have shape (B, T, 3H), got ", gates_in.sizes());
+              "gru_layer_bwd: gates must have shape (B, T, 3H), got ", gates_in.sizes());
   const int64_t batch = gates_in.size(0), steps = gates_in.size(1), hidden = gates_in.size(2) / kGates;
   const auto acc = at::toOpMathType(w_hh.scalar_type());
-  cpu::check_tensor("gru_bwd", "w_hh", w_hh, {kGates * hidden, hidden}, w_hh.scalar_type());
-  cpu::check_tensor("gru_bwd", "gates", gates_in, {batch, steps, kGates * hidden}, acc);
-  cpu::check_tensor("gru_bwd", "ghn", ghn_in, {batch, steps, hidden}, acc);
-  cpu::check_shape("gru_bwd", "h_prev", h_prev_in, {batch, steps, hidden});
-  cpu::check_shape("gru_bwd", "grad_y", grad_y_in, {batch, steps, hidden});
-  cpu::check_shape("gru_bwd", "grad_h_n", grad_h_n, {batch, hidden});
-  const at::Tensor lens = cpu::checked_lengths("gru_bwd", lengths, batch, steps);
+  cpu::check_tensor("gru_layer_bwd", "w_hh", w_hh, {kGates * hidden, hidden}, w_hh.scalar_type());
+  cpu::check_tensor("gru_layer_bwd", "gates", gates_in, {batch, steps, kGates * hidden}, acc);
+  cpu::check_tensor("gru_layer_bwd", "ghn", ghn_in, {batch, steps, hidden}, acc);
+  cpu::check_shape("gru_layer_bwd", "h_prev", h_prev_in, {batch, steps, hidden});
+  cpu::check_shape("gru_layer_bwd", "grad_y", grad_y_in, {batch, steps, hidden});
+  cpu::check_shape("gru_layer_bwd", "grad_h_n", grad_h_n, {batch, hidden});
+  const at::Tensor lens = cpu::checked_lengths("gru_layer_bwd", lengths, batch, steps);
 
   const auto acc_options = gates_in.options();
   const at::Tensor gates = gates_in.contiguous(), ghn = ghn_in.contiguous();
@@ -208,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd_cpu(
   at::Tensor dh_rec = at::zeros({batch, hidden}, acc_options);
   at::Tensor d_pre = at::empty({batch, kGates * hidden}, acc_options);
 
-  AT_DISPATCH_FLOATING_TYPES(acc, "gru_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(acc, "gru_layer_bwd_cpu", [&] {
     GruBackward<scalar_t> kernel{
         steps, hidden, Schedule::of(lens, steps, reverse), cpu::RightOperand<scalar_t>::of(w_hh.to(acc), steps + 1),
         gates.data_ptr<scalar_t>(), ghn.data_ptr<scalar_t>(), Rows<const scalar_t>::of(h_prev),

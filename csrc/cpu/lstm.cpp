@@ -201,21 +201,21 @@ struct LstmBackward {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
     const at::Tensor& gx_in, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
     bool training) {
   TORCH_CHECK(gx_in.dim() == 3 && gx_in.size(2) > 0 && gx_in.size(2) % kGates == 0,
-              "lstm_fwd: gx must have shape (B, T, 4H), got ", gx_in.sizes());
+              "lstm_layer_fwd: gx must have shape (B, T, 4H), got ", gx_in.sizes());
   const at::Tensor gx = cpu::unit_last_stride(gx_in);
   const int64_t batch = gx.size(0), steps = gx.size(1), hidden = gx.size(2) / kGates;
   const int64_t proj = w_hr.has_value() ? w_hr->size(0) : hidden;
   const auto dtype = gx.scalar_type();
-  cpu::check_tensor("lstm_fwd", "h0", h0, {batch, proj}, dtype);
-  cpu::check_tensor("lstm_fwd", "c0", c0, {batch, hidden}, dtype);
-  cpu::check_tensor("lstm_fwd", "w_hh", w_hh, {kGates * hidden, proj}, dtype);
-  if (w_hr.has_value()) cpu::check_tensor("lstm_fwd", "w_hr", *w_hr, {proj, hidden}, dtype);
-  const at::Tensor lens = cpu::checked_lengths("lstm_fwd", lengths, batch, steps);
+  cpu::check_tensor("lstm_layer_fwd", "h0", h0, {batch, proj}, dtype);
+  cpu::check_tensor("lstm_layer_fwd", "c0", c0, {batch, hidden}, dtype);
+  cpu::check_tensor("lstm_layer_fwd", "w_hh", w_hh, {kGates * hidden, proj}, dtype);
+  if (w_hr.has_value()) cpu::check_tensor("lstm_layer_fwd", "w_hr", *w_hr, {proj, hidden}, dtype);
+  const at::Tensor lens = cpu::checked_lengths("lstm_layer_fwd", lengths, batch, steps);
 
   const auto acc = at::toOpMathType(dtype);
   const auto acc_options = gx.options().dtype(acc);
@@ -229,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_
   at::Tensor m = at::empty({batch, hidden}, acc_options);
   at::Tensor projected = at::empty({batch, proj}, acc_options);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lstm_fwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lstm_layer_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using Operand = cpu::RightOperand<acc_t>;
     const std::optional<Operand> w_hr_t =
@@ -245,26 +245,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_
   return {y, h.to(dtype), c.to(dtype), gates, cells};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
     const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, const at::Tensor& c0,
     const at::Tensor& gates_in, const at::Tensor& cells_in, const at::Tensor& grad_y_in,
     const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const std::optional<at::Tensor>& lengths,
     bool reverse) {
   TORCH_CHECK(gates_in.dim() == 3 && gates_in.size(2) > 0 && gates_in.size(2) % kGates == 0,
-              "lstm_bwd: gates must have shape (B, T, 4H), got ", gates_in.sizes());
+              "lstm_layer_bwd: gates must have shape (B, T, 4H), got ", gates_in.sizes());
   const int64_t batch = gates_in.size(0), steps = gates_in.size(1), hidden = gates_in.size(2) / kGates;
-  TORCH_CHECK(w_hh.dim() == 2, "lstm_bwd: w_hh must have shape (4H, P), got ", w_hh.sizes());
+  TORCH_CHECK(w_hh.dim() == 2, "lstm_layer_bwd: w_hh must have shape (4H, P), got ", w_hh.sizes());
   const int64_t proj = w_hh.size(1);
   const auto acc = at::toOpMathType(w_hh.scalar_type());
-  cpu::check_tensor("lstm_bwd", "w_hh", w_hh, {kGates * hidden, proj}, w_hh.scalar_type());
-  if (w_hr.has_value()) cpu::check_tensor("lstm_bwd", "w_hr", *w_hr, {proj, hidden}, w_hh.scalar_type());
-  cpu::check_tensor("lstm_bwd", "gates", gates_in, {batch, steps, kGates * hidden}, acc);
-  cpu::check_tensor("lstm_bwd", "cells", cells_in, {batch, steps, hidden}, acc);
-  cpu::check_shape("lstm_bwd", "c0", c0, {batch, hidden});
-  cpu::check_shape("lstm_bwd", "grad_y", grad_y_in, {batch, steps, proj});
-  cpu::check_shape("lstm_bwd", "grad_h_n", grad_h_n, {batch, proj});
-  cpu::check_shape("lstm_bwd", "grad_c_n", grad_c_n, {batch, hidden});
-  const at::Tensor lens = cpu::checked_lengths("lstm_bwd", lengths, batch, steps);
+  cpu::check_tensor("lstm_layer_bwd", "w_hh", w_hh, {kGates * hidden, proj}, w_hh.scalar_type());
+  if (w_hr.has_value()) cpu::check_tensor("lstm_layer_bwd", "w_hr", *w_hr, {proj, hidden}, w_hh.scalar_type());
+  cpu::check_tensor("lstm_layer_bwd", "gates", gates_in, {batch, steps, kGates * hidden}, acc);
+  cpu::check_tensor("lstm_layer_bwd", "cells", cells_in, {batch, steps, hidden}, acc);
+  cpu::check_shape("lstm_layer_bwd", "c0", c0, {batch, hidden});
+  cpu::check_shape("lstm_layer_bwd", "grad_y", grad_y_in, {batch, steps, proj});
+  cpu::check_shape("lstm_layer_bwd", "grad_h_n", grad_h_n, {batch, proj});
+  cpu::check_shape("lstm_layer_bwd", "grad_c_n", grad_c_n, {batch, hidden});
+  const at::Tensor lens = cpu::checked_lengths("lstm_layer_bwd", lengths, batch, steps);
 
   const auto acc_options = gates_in.options();
   const at::Tensor gates = gates_in.contiguous(), cells = cells_in.contiguous();
@@ -279,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd_cpu(
   at::Tensor dm = at::empty({batch, hidden}, acc_options);
   at::Tensor d_pre = at::empty({batch, kGates * hidden}, acc_options);
 
-  AT_DISPATCH_FLOATING_TYPES(acc, "lstm_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(acc, "lstm_layer_bwd_cpu", [&] {
     using Operand = cpu::RightOperand<scalar_t>;
     const int64_t uses = steps + 1;
     const std::optional<Operand> w_hr_operand =

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "../ops.h"
 #include "recurrence.h"
@@ -81,9 +82,13 @@ void check_state(const char* op, const char* name, const at::Tensor& state, at::
 }  // namespace
 
 at::Tensor causal_conv1d_update_cpu(const at::Tensor& x_in, at::Tensor& conv_state, const at::Tensor& weight_in,
-                                    const std::optional<at::Tensor>& bias_in, bool silu_activation) {
+                                    const std::optional<at::Tensor>& bias_in,
+                                    std::optional<c10::string_view> activation) {
   const char* op = "causal_conv1d_update";
   check_input(op, x_in);
+  TORCH_CHECK(!activation.has_value() || *activation == "silu", op, ": activation must be None or 'silu', got '",
+              std::string(*activation), "'");
+  const bool silu_activation = activation.has_value();
   const int64_t batch = x_in.size(0), dims = x_in.size(1);
   const auto dtype = x_in.scalar_type();
   TORCH_CHECK(weight_in.dim() == 2 && weight_in.size(0) == dims && weight_in.size(1) > 0, op,

@@ -1,5 +1,5 @@
 // One-token LSTM and GRU steps (decoding, streaming) for fp32/fp64 without autograd: the
-// same math as one step of lstm_fwd/gru_fwd, with nothing prepared per call. The weights stay
+// same math as one step of lstm_layer_fwd/gru_layer_fwd, with nothing prepared per call. The weights stay
 // as torch.nn stores them, (gates * H, K) row-major, so a gate block's rows for a range of
 // units are contiguous and are read in place: no transposed copy, no concatenation of W_ih
 // and W_hh, no summed bias. The hidden units split between threads; each thread multiplies
