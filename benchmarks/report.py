@@ -101,6 +101,19 @@ TIMING_COLUMNS: Columns = [
 PEAK_MEMORY_COLUMN = ("peak MiB", lambda r: f"{r['peak_mem_bytes'] / 2**20:.1f}")
 
 
+# The backends with kernels of their own, per device: what the kernel suites time.
+KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton",)}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def speedup_columns(header: str, key: str) -> Columns:
+    """The timing columns, a ratio column `header` from record[key], and peak memory."""
+    return [*TIMING_COLUMNS, (header, lambda r: f"{r[key]:.2f}"), PEAK_MEMORY_COLUMN]
+
+
 def table(records: list[dict[str, Any]], columns: Columns, legend: str) -> str:
     """One line per record, skipped ones with their reason, then the suite's legend."""
     identities = [IDENTITY_COLUMNS] + [_identity_cells(record) for record in records]

@@ -1,34 +1,64 @@
-"""Backend registry: which backends exist, which can run a given input, and why not.
+"""Backend registry: which backends exist, which can run a given op on a given input, and why not.
 
 A backend is one implementation family: ``reference`` (pure PyTorch), ``cpu`` (C++ in
-csrc/cpu), ``triton`` (rnnkern/ops/*/triton.py) and ``cuda`` (csrc/cuda). Every op asks
-:func:`select` for the backend to run; ``backend=`` or ``RNNKERN_BACKEND`` forces one, and
-forcing one that cannot run the input is an error, never a silent fallback.
+csrc/cpu, through rnnkern._C) and ``triton`` (rnnkern/ops/*/triton.py). Each op declares an
+:class:`Op`: which backends implement it, where their functions live, and the dtypes each
+runs. Every op asks :func:`select` for the backend to run; ``backend=`` or ``RNNKERN_BACKEND``
+forces one, and forcing one that cannot run the input is an error naming every backend's
+reason, never a silent fallback.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import os
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+BACKENDS = ("reference", "cpu", "triton")
 
-# First backend in this order that supports the input runs it. The Triton interpreter can
+# First backend in this order that can run the input runs it. The Triton interpreter can
 # run CPU tensors, but only when forced: it is a testing tool, not a fast path.
 _PRIORITY = {
-    "cuda": ("cuda", "triton", "reference"),
+    "cuda": ("triton", "reference"),
     "cpu": ("cpu", "reference"),
 }
 
-# Op-specific reasons a backend refuses an input: (backend, device, dtype) -> reason or None.
-SupportCheck = Callable[[str, torch.device, torch.dtype], Optional[str]]
+COMPILED = "rnnkern._C"  # an Op's `kernels` value for the functions rnnkern._C registers
 
 
 class BackendError(RuntimeError):
     """No backend (or not the forced one) can run the given input."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Op:
+    """One op's entry in the registry.
+
+    `functions` are the names of the op's kernels (e.g. ``lstm_layer_fwd``, ``lstm_layer_bwd``),
+    the same in every backend's namespace and with the reference's signatures. `kernels` maps a
+    backend to that namespace: a module path, imported on first use (so a Triton module needs
+    triton only once it runs), or COMPILED for rnnkern._C. A backend missing from `kernels` has
+    no implementation of the op. `dtypes` limits a backend to the input dtypes it runs.
+    """
+
+    name: str
+    functions: tuple[str, ...]
+    kernels: Mapping[str, str]
+    dtypes: Mapping[str, tuple[torch.dtype, ...]] = dataclasses.field(default_factory=dict)
+
+    def function(self, backend: str, name: str) -> Callable:
+        """The kernel `name` (one of `functions`) of `backend`."""
+        source = self.kernels[backend]
+        namespace = torch.ops.rnnkern_C if source == COMPILED else importlib.import_module(source)
+        return getattr(namespace, name)
+
+    def refusal(self, backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        """Why `backend` cannot run this op on inputs of `device` and `dtype`, or None if it can."""
+        return (unavailable_reason(backend) or device_reason(backend, device)
+                or _op_reason(self, backend, dtype))
 
 
 def triton_interpreted() -> bool:
@@ -40,7 +70,7 @@ def unavailable_reason(name: str) -> Optional[str]:
     """Why backend `name` cannot run at all in this process, or None if it can."""
     if name == "reference":
         return None
-    if name in ("cpu", "cuda"):
+    if name == "cpu":
         try:
             importlib.import_module("rnnkern._C")
         except ImportError as err:
@@ -57,12 +87,8 @@ def unavailable_reason(name: str) -> Optional[str]:
 
 def device_reason(name: str, device: torch.device) -> Optional[str]:
     """Why backend `name` cannot run tensors on `device`, or None if it can."""
-    if name == "reference":
-        return None
     if name == "cpu" and device.type != "cpu":
         return f"runs on CPU tensors only, got {device.type} tensors"
-    if name == "cuda" and device.type != "cuda":
-        return f"runs on CUDA tensors only, got {device.type} tensors"
     if name == "triton" and device.type != "cuda":
         if device.type == "cpu" and triton_interpreted():
             return None
@@ -70,65 +96,35 @@ def device_reason(name: str, device: torch.device) -> Optional[str]:
     return None
 
 
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
 # Cached: what rnnkern._C registers is fixed once unavailable_reason has imported it.
 @functools.lru_cache(maxsize=None)
-def compiled_kernel_reason(op: str, device: torch.device) -> Optional[str]:
-    """Why rnnkern._C has no kernel for `op` on `device`, or None if it has one."""
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    missing_extension = unavailable_reason("cpu")  # importing rnnkern._C registers its ops
-    if missing_extension is not None:
-        return missing_extension
-    if not hasattr(torch.ops.rnnkern_C, op):
-        return f"rnnkern._C has no {op} op (built from older sources? reinstall rnnkern)"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"rnnkern_C::{op}", key):
-        return f"rnnkern._C was built without a {key} kernel for {op}"
+def _op_reason(op: Op, backend: str, dtype: torch.dtype) -> Optional[str]:
+    if backend not in op.kernels:
+        return f"has no {op.name} kernel"
+    allowed = op.dtypes.get(backend)
+    if allowed is not None and dtype not in allowed:
+        return f"{dtype} is not supported by its {op.name} kernel (it runs {_dtype_names(allowed)})"
+    if op.kernels[backend] == COMPILED:
+        missing = [name for name in op.functions if not hasattr(torch.ops.rnnkern_C, name)]
+        if missing:
+            return f"rnnkern._C has no {', '.join(missing)} op (built from older sources? reinstall rnnkern)"
     return None
-
-
-def kernels(op: str, backend: str, reference) -> tuple[Callable, ...]:
-    """(forward, backward) of `op` on `backend`, all with the reference's signatures: the
-    functions ``{op}_fwd`` and ``{op}_bwd`` of the `reference` module, of rnnkern._C (cpu and
-    cuda) or of ``rnnkern.ops.{op}.triton`` (imported on first use: it needs triton)."""
-    if backend == "reference":
-        source = reference
-    elif backend in ("cpu", "cuda"):
-        source = torch.ops.rnnkern_C
-    else:
-        source = importlib.import_module(f"rnnkern.ops.{op}.triton")
-    return getattr(source, f"{op}_fwd"), getattr(source, f"{op}_bwd")
-
-
-def kernel_support(compiled_kernel: str) -> SupportCheck:
-    """The support check most ops need: the triton backend has no float64, and the cpu and
-    cuda backends need rnnkern._C to hold `compiled_kernel` for the device."""
-
-    def supports(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-        if backend == "triton" and dtype == torch.float64:
-            return "float64 is not supported (use the reference or cpu backend)"
-        if backend in ("cpu", "cuda"):
-            return compiled_kernel_reason(compiled_kernel, device)
-        return None
-
-    return supports
-
-
-def _why_not(name: str, device: torch.device, dtype: torch.dtype, supports: SupportCheck) -> Optional[str]:
-    return unavailable_reason(name) or device_reason(name, device) or supports(name, device, dtype)
 
 
 # Host-side logic on constants: torch.compile calls it while tracing and keeps the result
 # (so RNNKERN_BACKEND is read when a function is compiled, not on every call).
 @torch.compiler.assume_constant_result
-def select(
-    op: str, device: torch.device, dtype: torch.dtype, supports: SupportCheck, requested: Optional[str] = None
-) -> str:
+def select(op: Op, device: torch.device, dtype: torch.dtype, requested: Optional[str] = None) -> str:
     """The backend that runs `op` on inputs of this device and dtype.
 
     `requested` (or the RNNKERN_BACKEND environment variable) forces a backend; otherwise
-    the first backend in the device's priority order whose checks all pass is taken.
-    `supports` adds the op's own reasons to refuse an input.
+    the first backend in the device's priority order that can run the input is taken.
     """
-    return _select(op, device, dtype, supports, _requested(requested), triton_interpreted())
+    return _select(op, device, dtype, _requested(requested), triton_interpreted())
 
 
 def _requested(requested: Optional[str]) -> Optional[str]:
@@ -138,42 +134,52 @@ def _requested(requested: Optional[str]) -> Optional[str]:
 
 _CPU = torch.device("cpu")
 
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the Triton kernels have no float64
+STEP_DTYPES = (torch.float32, torch.float64)  # the cpu backend's one-token kernels
 
-def selects_compiled_cpu_kernel(requested: Optional[str], kernel: str) -> bool:
-    """Whether select, on CPU tensors with `requested`, picks the cpu backend, which has the
-    compiled `kernel`: select's answer for the per-token calls that cannot afford select
-    (an environment read and a cache lookup, nothing else)."""
-    first_choice = _requested(requested) or _PRIORITY["cpu"][0]
-    return first_choice == "cpu" and compiled_kernel_reason(kernel, _CPU) is None
+
+def step_op(name: str) -> Op:
+    """The Op of a one-token kernel `name` that the cpu backend alone has (fp32/fp64)."""
+    return Op(name, functions=(name,), kernels={"cpu": COMPILED}, dtypes={"cpu": STEP_DTYPES})
+
+
+def sequence_op(name: str, package: str) -> Op:
+    """The Op of a sequence op `name` implemented on every backend: `{name}_fwd` and `{name}_bwd`
+    in `package`.reference, rnnkern._C and `package`.triton."""
+    return Op(name, functions=(f"{name}_fwd", f"{name}_bwd"),
+              kernels={"reference": f"{package}.reference", "cpu": COMPILED, "triton": f"{package}.triton"},
+              dtypes={"triton": TRITON_DTYPES})
+
+
+def selects_cpu(op: Op, requested: Optional[str], dtype: torch.dtype) -> bool:
+    """Whether select(op, cpu, dtype, requested) is "cpu", for the per-token calls that cannot
+    afford select: an environment read and a cache lookup. (With nothing forced the cpu backend
+    comes first on CPU tensors.)"""
+    return (_requested(requested) or "cpu") == "cpu" and op.refusal("cpu", _CPU, dtype) is None
 
 
 # The answer depends only on its arguments (TRITON_INTERPRET among them, through
 # device_reason) and on what this process has loaded, so it is computed once per input kind.
 @functools.lru_cache(maxsize=512)
-def _select(
-    op: str, device: torch.device, dtype: torch.dtype, supports: SupportCheck, requested: Optional[str],
-    interpreted: bool,
-) -> str:
+def _select(op: Op, device: torch.device, dtype: torch.dtype, requested: Optional[str], interpreted: bool) -> str:
     if requested is not None:
         if requested not in BACKENDS:
-            raise ValueError(f"{op}: unknown backend {requested!r}; expected one of {BACKENDS}")
-        reason = _why_not(requested, device, dtype, supports)
+            raise ValueError(f"{op.name}: unknown backend {requested!r}; expected one of {BACKENDS}")
+        reason = op.refusal(requested, device, dtype)
         if reason is not None:
-            raise BackendError(
-                f"{op}: backend {requested!r} cannot run this input: {reason}.\n"
-                + _reasons_table(BACKENDS, device, dtype, supports)
-            )
+            raise BackendError(f"{op.name}: backend {requested!r} cannot run this input: {reason}.\n"
+                               + _reasons_table(op, BACKENDS, device, dtype))
         return requested
     order = _PRIORITY.get(device.type, ("reference",))
     for name in order:
-        if _why_not(name, device, dtype, supports) is None:
+        if op.refusal(name, device, dtype) is None:
             return name
-    raise BackendError(f"{op}: no backend can run this input.\n" + _reasons_table(order, device, dtype, supports))
+    raise BackendError(f"{op.name}: no backend can run this input.\n" + _reasons_table(op, order, device, dtype))
 
 
-def _reasons_table(names, device: torch.device, dtype: torch.dtype, supports: SupportCheck) -> str:
+def _reasons_table(op: Op, names, device: torch.device, dtype: torch.dtype) -> str:
     lines = []
     for name in names:
-        reason = _why_not(name, device, dtype, supports)
+        reason = op.refusal(name, device, dtype)
         lines.append(f"  {name}: {'available' if reason is None else reason}")
     return "backends:\n" + "\n".join(lines)

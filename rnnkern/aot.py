@@ -1,8 +1,8 @@
-"""Ahead-of-time compile checks, verification ladder steps 4 and 5 (no GPU needed).
+"""Ahead-of-time compile checks, verification ladder step 4 (no GPU needed).
 
-Every Triton kernel compiles for sm_80 and sm_90 with ``triton.compile``; every
-csrc/cuda/*.cu file compiles with nvcc for the same targets. Both report shared memory,
-registers and spilled bytes (from cuobjdump / ptxas). ``python -m rnnkern.aot`` prints the table.
+Every Triton kernel compiles for sm_80 and sm_90 with ``triton.compile`` and reports its
+shared memory, registers and spilled bytes (from cuobjdump). ``python -m rnnkern.aot`` prints
+the table. (Step 5, nvcc on the CUDA sources, arrives with the first .cu file.)
 
 A new Triton kernel joins the check by being yielded from its module's ``aot_specs()``,
 and a new module by being listed in ``TRITON_MODULES``.
@@ -27,7 +27,6 @@ TRITON_MODULES = (
     "rnnkern.ops.selective_scan.triton",
 )
 TARGETS = (80, 90)
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,27 +76,6 @@ def compile_triton(case: TritonCase, target: int) -> Report:
     return Report(case.name, target, compiled.metadata.shared, registers, spills)
 
 
-def cuda_sources() -> list[Path]:
-    return sorted((CSRC / "cuda").glob("*.cu"))
-
-
-def nvcc() -> Optional[str]:
-    return shutil.which("nvcc")
-
-
-def compile_cuda(source: Path, target: int) -> Report:
-    """nvcc -c for sm_`target` without torch headers (kernels are torch-free by design)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        command = [nvcc(), "-c", str(source), "-o", os.path.join(tmp, "out.o"), "-std=c++17", "-O3",
-                   f"-gencode=arch=compute_{target},code=sm_{target}", "-Xptxas", "-v", "-I", str(CSRC)]
-        result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"nvcc failed for {source.name} sm_{target}:\n{result.stderr}")
-    registers, spills = _parse_ptxas(result.stderr)
-    shared = _max_int(re.findall(r"(\d+) bytes smem", result.stderr))
-    return Report(source.name, target, shared, registers, spills)
-
-
 def _cubin_usage(cubin: bytes) -> tuple[Optional[int], Optional[int]]:
     """Registers and local-memory (spill) bytes of a compiled kernel, read by cuobjdump."""
     tool = _nvidia_tool("cuobjdump")
@@ -120,12 +98,6 @@ def _nvidia_tool(name: str) -> Optional[str]:
     return str(bundled) if bundled.exists() else shutil.which(name)
 
 
-def _parse_ptxas(text: str) -> tuple[Optional[int], Optional[int]]:
-    registers = _max_int(re.findall(r"Used (\d+) registers", text))
-    spills = _max_int(re.findall(r"(\d+) bytes spill stores", text))
-    return registers, spills
-
-
 def _max_int(values: list[str]) -> Optional[int]:
     return max(int(v) for v in values) if values else None
 
@@ -134,9 +106,6 @@ def check_all() -> list[Report]:
     """Compiles every registered kernel for every target; a failure is kept as an error."""
     jobs = [(case.name, lambda c=case, t=target: compile_triton(c, t), target)
             for case in triton_cases() for target in TARGETS]
-    if nvcc() is not None:
-        jobs += [(path.name, lambda p=path, t=target: compile_cuda(p, t), target)
-                 for path in cuda_sources() for target in TARGETS]
     reports = []
     for name, job, target in jobs:
         try:
@@ -165,8 +134,6 @@ def _print_table(reports: list[Report]) -> None:
     for r in reports:
         usage = f"{r.shared_bytes!s:>7} {r.registers!s:>5} {r.spill_bytes!s:>7}" if not r.error else r.error
         print(f"{r.name:<72} {r.target:>3} {usage}")
-    if nvcc() is None:
-        print("nvcc not on PATH: CUDA sources not checked")
 
 
 if __name__ == "__main__":

@@ -28,26 +28,33 @@ def ran_op(name: str, run) -> bool:
     return any(event.name == name for event in prof.function_events)
 
 
+def interpreted_as_slow(params: list) -> list:
+    """`params` (device, backend) with the triton ones marked slow where Triton's interpreter
+    runs them: for the cases whose size costs the interpreter minutes."""
+    if not _backends.triton_interpreted():
+        return params
+    return [pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.slow]) if p.values[1] == "triton" else p
+            for p in params]
+
+
 def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def backend_params(op: str, kernel: str) -> list:
-    """pytest params (device, backend) for every backend that can run `op` here.
+def backend_params(op: _backends.Op, dtype: torch.dtype = torch.float32) -> list:
+    """pytest params (device, backend) for every backend that implements the registry entry
+    `op`, on every device here.
 
-    `kernel` is the name of the compiled op in rnnkern_C (for the cpu/cuda backends).
-    Backends that never run on a device are left out; those this machine cannot run are
-    reported as skips with the reason.
+    Backends that never run on a device are left out; those this machine cannot run (for
+    `dtype`) are reported as skips with the reason.
     """
     params = []
     for device in devices():
         dev = torch.device(device)
         for backend in _backends.BACKENDS:
-            if backend in ("cpu", "cuda") and backend != device:
+            if backend not in op.kernels or (backend == "cpu" and device != "cpu"):
                 continue
-            reason = _backends.unavailable_reason(backend) or _backends.device_reason(backend, dev)
-            if reason is None and backend in ("cpu", "cuda"):
-                reason = _backends.compiled_kernel_reason(kernel, dev)
+            reason = op.refusal(backend, dev, dtype)
             marks = [pytest.mark.skip(reason=f"{backend}: {reason}")] if reason else []
             if device == "cuda":
                 marks.append(pytest.mark.gpu)

@@ -7,29 +7,47 @@ import torch
 
 import rnnkern
 from rnnkern import _backends
+from rnnkern.ops.linear_scan import LINEAR_SCAN
+from rnnkern.ops.lstm import LSTM_STEP
+
+
+CPU = torch.device("cpu")
 
 
 def test_default_cpu_backend_is_the_compiled_one():
     """The README's install builds rnnkern._C, so CPU tensors go to its kernels."""
     assert _backends.unavailable_reason("cpu") is None
-    assert _backends.select("linear_scan", torch.device("cpu"), torch.float32, _no_op_reasons) == "cpu"
-
-
-def _no_op_reasons(backend, device, dtype):
-    return None
+    assert _backends.select(LINEAR_SCAN, CPU, torch.float32) == "cpu"
 
 
 def test_environment_variable_forces_a_backend(monkeypatch):
     monkeypatch.setenv("RNNKERN_BACKEND", "reference")
-    assert _backends.select("linear_scan", torch.device("cpu"), torch.float32, _no_op_reasons) == "reference"
-    monkeypatch.setenv("RNNKERN_BACKEND", "cuda")
-    with pytest.raises(rnnkern.BackendError, match="backend 'cuda' cannot run this input: runs on CUDA tensors only"):
+    assert _backends.select(LINEAR_SCAN, CPU, torch.float32) == "reference"
+    monkeypatch.setenv("RNNKERN_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(rnnkern.BackendError, match="backend 'triton' cannot run this input: runs on CUDA tensors"):
         rnnkern.linear_scan(torch.rand(1, 3, 2), torch.rand(1, 3, 2))
 
 
 def test_keyword_overrides_environment_variable(monkeypatch):
+    monkeypatch.setenv("RNNKERN_BACKEND", "triton")
+    assert _backends.select(LINEAR_SCAN, CPU, torch.float32, "reference") == "reference"
+
+
+def test_unknown_backend_is_an_error(monkeypatch):
     monkeypatch.setenv("RNNKERN_BACKEND", "cuda")
-    assert _backends.select("linear_scan", torch.device("cpu"), torch.float32, _no_op_reasons, "reference") == "reference"
+    with pytest.raises(ValueError, match=r"linear_scan: unknown backend 'cuda'; expected one of \('reference', 'cpu', 'triton'\)"):
+        rnnkern.linear_scan(torch.rand(1, 3, 2), torch.rand(1, 3, 2))
+
+
+def test_backend_without_a_kernel_for_the_op_is_refused_with_a_reason():
+    """The one-token LSTM kernel exists on the cpu backend alone, for fp32 and fp64."""
+    assert _backends.select(LSTM_STEP, CPU, torch.float32) == "cpu"
+    with pytest.raises(rnnkern.BackendError, match="backend 'reference' cannot run this input: has no lstm_step kernel"):
+        _backends.select(LSTM_STEP, CPU, torch.float32, "reference")
+    with pytest.raises(rnnkern.BackendError, match="backend 'cpu' cannot run this input: torch.bfloat16 is not supported "
+                                                   r"by its lstm_step kernel \(it runs float32, float64\)"):
+        _backends.select(LSTM_STEP, CPU, torch.bfloat16, "cpu")
 
 
 def test_forced_backend_that_cannot_run_lists_every_backend(monkeypatch):
@@ -64,7 +82,8 @@ def test_import_works_without_triton_and_without_extension():
         "from rnnkern import _backends\n"
         "a = torch.rand(1, 4, 2)\n"
         "h = rnnkern.linear_scan(a, a)\n"
-        "print(_backends.select('linear_scan', a.device, a.dtype, lambda *args: None))\n"
+        "from rnnkern.ops.linear_scan import LINEAR_SCAN\n"
+        "print(_backends.select(LINEAR_SCAN, a.device, a.dtype))\n"
         "for name in ('cpu', 'triton'):\n"
         "    try:\n"
         "        rnnkern.linear_scan(a, a, backend=name)\n"

@@ -20,19 +20,15 @@ import torch
 
 import rnnkern
 import rnnkern.nn
-from benchmarks import memory
-from benchmarks.report import PEAK_MEMORY_COLUMN, TIMING_COLUMNS, progress
+from benchmarks import memory, report
+from benchmarks.report import progress, speedup_columns
 from benchmarks.timing import Settings, measure_together
 
 SECTION = "kernels"
-COLUMNS = [
-    *TIMING_COLUMNS,
-    ("vs torch.nn", lambda r: f"{r['speedup_vs_torch']:.2f}"),
-    PEAK_MEMORY_COLUMN,
-]
+COLUMNS = speedup_columns("vs torch.nn", "speedup_vs_torch")
 LEGEND = "vs torch.nn: torch.nn's median / this median (above 1: rnnkern is faster)"
 
-BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+BACKENDS = report.KERNEL_BACKENDS
 
 
 @dataclass(frozen=True)
@@ -47,10 +43,6 @@ class Case:
     @property
     def shape(self) -> list[int]:
         return [self.batch, self.steps, self.hidden, self.hidden]
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
@@ -154,7 +146,7 @@ GATES = {"lstm": 4, "gru": 3}
 
 def _measure(kind: str, modules: dict[str, torch.nn.Module], case: Case, settings: Settings) -> list[dict[str, Any]]:
     """Records of `modules` (torch.nn's first) timed together, each with its ratio to torch.nn."""
-    progress(f"{kind} {case.direction} B{case.batch}-T{case.steps}-H{case.hidden}-{case.dtype_name}: "
+    progress(f"{kind} {case.direction} B{case.batch}-T{case.steps}-H{case.hidden}-{report.dtype_name(case.dtype)}: "
              + ", ".join(modules))
     runs = [timed_call(kind, module, case) for module in modules.values()]
     timings = measure_together(runs, settings)
@@ -190,4 +182,4 @@ def _forward_backward(module, x, grad):
 
 def _identity(kind: str, backend: str, case: Case) -> dict[str, Any]:
     return {"suite": kind, "op": kind, "backend": backend, "direction": case.direction, "shape": case.shape,
-            "dtype": case.dtype_name, "device": case.device.type}
+            "dtype": report.dtype_name(case.dtype), "device": case.device.type}

@@ -2,7 +2,7 @@
 
 What each direction times:
   fwd  ``rnnkern.linear_scan(a, b, backend=...)``.
-  bwd  the registered backward op ``torch.ops.rnnkern.linear_scan_backward`` alone, on h
+  bwd  the registered backward op ``torch.ops.rnnkern.linear_scan_bwd`` alone, on h
        from one untimed forward: no forward time is in it.
 
 Baselines, timed in the same process on the same tensors (and, on a GPU, the peers
@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 
 import rnnkern
-from benchmarks import memory
+from benchmarks import memory, report
 from benchmarks.report import PEAK_MEMORY_COLUMN, TIMING_COLUMNS, progress
 from benchmarks.timing import Settings, Setup, Timing, measure_together
 
@@ -54,7 +54,7 @@ HEADLINE_SHAPE = (4, 8192, 1024)
 SMALL_SHAPE = (4, 2048, 1024)
 REFERENCE_MAX_T = 2048
 
-BACKENDS = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+BACKENDS = {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")}
 DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 
 
@@ -67,13 +67,9 @@ class Case:
     device: torch.device
 
     @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
-
-    @property
     def id(self) -> str:
         batch, time, dim = self.shape
-        return f"B{batch}-T{time}-D{dim}-{self.dtype_name}"
+        return f"B{batch}-T{time}-D{dim}-{report.dtype_name(self.dtype)}"
 
 
 @dataclass(frozen=True)
@@ -203,7 +199,7 @@ def backward_benches(inputs: Inputs, backends: list[str]) -> list[Bench]:
     ]
     kernels = [
         Bench("linear_scan", name, "bwd", functools.partial(_backward_op, inputs, name), 5,
-              "torch.ops.rnnkern.linear_scan_backward alone")
+              "torch.ops.rnnkern.linear_scan_bwd alone")
         for name in backends
     ]
     return baselines + kernels
@@ -216,7 +212,7 @@ def _loop_graph(inputs: Inputs) -> tuple[torch.Tensor]:
 
 def _backward_op(inputs: Inputs, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """linear_scan's registered backward: no initial state, final-state gradient or packing."""
-    return torch.ops.rnnkern.linear_scan_backward(inputs.a, inputs.h, None, inputs.grad_h, None, None, False, backend)
+    return torch.ops.rnnkern.linear_scan_bwd(inputs.a, inputs.h, None, inputs.grad_h, None, None, False, backend)
 
 
 def run(settings: Settings) -> list[dict[str, Any]]:
@@ -278,6 +274,6 @@ def _identity(case: Case, op: str, backend: str, direction: str) -> dict[str, An
         "backend": backend,
         "direction": direction,
         "shape": list(case.shape),
-        "dtype": case.dtype_name,
+        "dtype": report.dtype_name(case.dtype),
         "device": case.device.type,
     }

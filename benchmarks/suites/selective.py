@@ -21,19 +21,15 @@ import torch
 import torch.nn.functional as F
 
 import rnnkern
-from benchmarks import memory
-from benchmarks.report import PEAK_MEMORY_COLUMN, TIMING_COLUMNS, progress
+from benchmarks import memory, report
+from benchmarks.report import progress, speedup_columns
 from benchmarks.timing import Settings, measure_together
 
 SECTION = "kernels"
-COLUMNS = [
-    *TIMING_COLUMNS,
-    ("vs loop", lambda r: f"{r['speedup_vs_loop']:.2f}"),
-    PEAK_MEMORY_COLUMN,
-]
+COLUMNS = speedup_columns("vs loop", "speedup_vs_loop")
 LEGEND = "vs loop: torch_loop's median / this median (above 1: faster than the plain PyTorch loop)"
 
-BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+BACKENDS = report.KERNEL_BACKENDS
 
 
 @dataclass(frozen=True)
@@ -42,10 +38,6 @@ class Case:
     shape: tuple[int, int, int, int]  # (B, D, L, N)
     dtype: torch.dtype
     device: torch.device
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
@@ -143,7 +135,7 @@ def refusal(name: str, case: Case) -> Optional[str]:
 def _measure(scans: dict[str, Callable], inputs: dict, case: Case, settings: Settings) -> list[dict[str, Any]]:
     """Records of `scans` (the loop first) timed together, each with its speedup over the loop."""
     batch, dim, length, state = case.shape
-    progress(f"selective_scan {case.direction} B{batch}-D{dim}-L{length}-N{state}-{case.dtype_name}: "
+    progress(f"selective_scan {case.direction} B{batch}-D{dim}-L{length}-N{state}-{report.dtype_name(case.dtype)}: "
              + ", ".join(scans))
     calls = [timed_call(scan, inputs, case.direction) for scan in scans.values()]
     timings = measure_together(calls, settings)
@@ -172,4 +164,4 @@ def _forward_backward(scan, leaves, grad):
 
 def _identity(backend: str, case: Case) -> dict[str, Any]:
     return {"suite": "selective", "op": "selective_scan", "backend": backend, "direction": case.direction,
-            "shape": list(case.shape), "dtype": case.dtype_name, "device": case.device.type}
+            "shape": list(case.shape), "dtype": report.dtype_name(case.dtype), "device": case.device.type}

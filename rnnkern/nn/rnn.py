@@ -19,8 +19,8 @@ from torch.nn.utils.rnn import PackedSequence
 from rnnkern.nn import _checks, _packed
 from rnnkern.nn._params import PARAMETER_NAMES, reset_uniform
 from rnnkern.ops._sequences import streaming_step
-from rnnkern.ops.gru import gru_layer
-from rnnkern.ops.lstm import lstm_layer
+from rnnkern.ops.gru import GRU_STEP, gru_layer
+from rnnkern.ops.lstm import LSTM_STEP, lstm_layer
 
 __all__ = ["LSTM", "GRU"]
 
@@ -31,8 +31,8 @@ class _Recurrent(nn.Module):
     """A stack of ``num_layers`` recurrent layers, each in one or two directions.
 
     Subclasses set ``_gates`` (gate blocks per hidden unit), ``_state_names`` (the tensors of
-    hx, as errors name them) and ``_step_kernel`` (the layer op's one-token cpu kernel), and
-    implement ``_layer`` (one functional layer call), ``_state_tensors`` (hx to a tuple of
+    hx, as errors name them) and ``_step_op`` (the registry entry of the layer op's one-token
+    kernel), and implement ``_layer`` (one functional layer call), ``_state_tensors`` (hx to a tuple of
     tensors), ``_state_sizes`` and ``_hidden_output`` (final states to the returned hx).
     """
 
@@ -163,7 +163,7 @@ class _Recurrent(nn.Module):
         states = self._step_states(hx, input, batch)
         if states is None:
             return None
-        result = streaming_step(self._step_kernel, self.backend, input, states, weights)
+        result = streaming_step(self._step_op, self.backend, input, states, weights)
         if result is None:
             return None
         y, *finals = result  # y like input, finals (L, B, size) each
@@ -268,7 +268,7 @@ class LSTM(_Recurrent):
     """
 
     _gates, _state_names = 4, ("hx[0] (h_0)", "hx[1] (c_0)")
-    _step_kernel = "lstm_step"
+    _step_op = LSTM_STEP
 
     def _layer(self, x, state, weights, lengths, reverse):
         y, (h, c) = lstm_layer(x, state, **weights, lengths=lengths, reverse=reverse, backend=self.backend)
@@ -311,7 +311,7 @@ class GRU(_Recurrent):
     """
 
     _gates, _state_names = 3, ("hx (h_0)",)
-    _step_kernel = "gru_step"
+    _step_op = GRU_STEP
 
     def __init__(
         self,

@@ -1,12 +1,13 @@
 """The input projection of the recurrent layers: gx = x W^T + bias for every step at once.
 
-One GEMM, F.linear everywhere except on the cpu backend for fp32 inputs with enough rows to
-matter, where rnnkern_C::input_projection runs it on oneDNN's small-matrix kernel in
-L2-sized panels on AVX-512 CPUs (faster than the BLAS behind F.linear where that BLAS takes a
-narrower vector path than the CPU has) and on rnnkern's AVX2 panel GEMM elsewhere (see
-csrc/cpu/projection.cpp). Registered as a custom op with
-its own backward (the three GEMMs of a linear layer), so autograd and torch.compile see it
-like F.linear.
+One GEMM. The cpu backend has a kernel of its own for fp32 (INPUT_PROJECTION):
+rnnkern_C::input_projection runs it on oneDNN's small-matrix kernel in L2-sized panels on
+AVX-512 CPUs (faster than the BLAS behind F.linear where that BLAS takes a narrower vector path
+than the CPU has) and on rnnkern's AVX2 panel GEMM elsewhere (see csrc/cpu/projection.cpp). It
+is registered as a custom op with its own backward (the three GEMMs of a linear layer), so
+autograd and torch.compile see it like F.linear. Every other backend and dtype, and inputs of
+too few rows for the kernel to pay for its dispatch, run F.linear: the native GEMM of the
+device, which is also what the reference computes.
 """
 from typing import Optional
 
@@ -19,10 +20,13 @@ from rnnkern import _backends
 # Below this many rows (B * T) the op's dispatch costs more than the faster GEMM saves.
 MIN_ROWS = 256
 
+INPUT_PROJECTION = _backends.Op("input_projection", functions=("input_projection",),
+                                kernels={"cpu": _backends.COMPILED}, dtypes={"cpu": (torch.float32,)})
+
 
 @torch.library.custom_op("rnnkern::input_projection", mutates_args=())
 def _projection_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return torch.ops.rnnkern_C.input_projection(x, weight, bias)
+    return INPUT_PROJECTION.function("cpu", "input_projection")(x, weight, bias)
 
 
 @_projection_op.register_fake
@@ -51,7 +55,6 @@ _projection_op.register_autograd(_backward, setup_context=_setup_context)
 def input_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
     """x (..., K) W^T + bias for a weight W (N, K) -> (..., N), for a layer run by `backend`."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if (backend == "cpu" and x.dtype == torch.float32 and rows >= MIN_ROWS
-            and _backends.compiled_kernel_reason("input_projection", x.device) is None):
+    if rows >= MIN_ROWS and INPUT_PROJECTION.refusal(backend, x.device, x.dtype) is None:
         return _projection_op(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -28,6 +28,19 @@ def flip_valid(x: Tensor, lengths: Tensor) -> Tensor:
     return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))
 
 
+def stack_steps(ys: list, workspaces: tuple, lengths: Tensor, reverse: bool, training: bool) -> tuple:
+    """A reference time loop's per-step lists as (B, T, ...) tensors in time order: the outputs
+    `ys`, then each of the backward's `workspaces` (empty tensors when not training)."""
+    y, *kept = (torch.stack(x, dim=1) for x in (ys, *workspaces))
+    if not training:
+        kept = [w.new_empty(0) for w in kept]
+    elif reverse:
+        kept = [flip_valid(w, lengths) for w in kept]
+    if reverse:
+        y = flip_valid(y, lengths)
+    return (y, *kept)
+
+
 def previous_states(y: Tensor, h0: Tensor, lengths: Optional[Tensor], reverse: bool) -> Tensor:
     """(B, T, P): the state each step started from (h0 at a sequence's first step, else the
     previous step's output). Entries past a sequence's end are unspecified."""
@@ -47,35 +60,37 @@ def previous_states(y: Tensor, h0: Tensor, lengths: Optional[Tensor], reverse: b
 STEP_KERNEL_MAX_BATCH = 32
 
 
-def takes_step_kernel(backend: str, x: Tensor, lengths: Optional[Tensor], training: bool) -> bool:
-    """Whether a layer call on x (B, T, I) is a one-token step for the cpu backend's step
-    kernels (rnnkern_C::lstm_step / gru_step): T = 1, no lengths, and step_kernel_applies."""
-    return x.shape[1] == 1 and lengths is None and step_kernel_applies(backend, x.shape[0], x.dtype, training)
+def takes_step_kernel(step: _backends.Op, backend: str, x: Tensor, lengths: Optional[Tensor],
+                      training: bool) -> bool:
+    """Whether a layer call on x (B, T, I) run by `backend` takes the one-token kernel of the
+    Op `step` (lstm_step / gru_step): T = 1, no lengths, step_kernel_applies, and the backend
+    has that kernel for x's dtype."""
+    return (x.shape[1] == 1 and lengths is None and step_kernel_applies(x.shape[0], training)
+            and step.refusal(backend, x.device, x.dtype) is None)
 
 
-def step_kernel_applies(backend: str, batch: int, dtype: torch.dtype, training: bool) -> bool:
-    """The step kernels' conditions beyond one token: the cpu backend, fp32/fp64, a small
-    batch, nothing to differentiate, and not being traced by torch.compile (which sees the
-    sequence op instead)."""
-    return (backend == "cpu" and not training and batch <= STEP_KERNEL_MAX_BATCH
-            and dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling())
+def step_kernel_applies(batch: int, training: bool) -> bool:
+    """The step kernels' conditions beyond one token and the backend: a small batch, nothing
+    to differentiate, and not being traced by torch.compile (which sees the sequence op)."""
+    return not training and batch <= STEP_KERNEL_MAX_BATCH and not torch.compiler.is_compiling()
 
 
-def streaming_step(kernel: str, backend: Optional[str], x: Tensor, states: tuple, layers: list):
-    """One token for each of B rows through a stack of layers on the cpu step kernel
-    rnnkern_C.<kernel>, for the modules' streaming calls: x (1, B, I) or (B, 1, I) and states
-    (L, B, H) as the module has them (the kernel keeps their leading dimensions), `layers` one
-    (w_ih, w_hh, b_ih, b_hh) per layer. It runs where the layer op would take the same kernel:
-    the module's `backend` (or RNNKERN_BACKEND) leaves the cpu backend chosen, and
-    step_kernel_applies; both are checked once for the whole stack. There are no Python shape
-    checks: the kernel checks shapes and dtypes against each layer's weights itself. Returns
-    (y shaped like x, *new states (L, B, H)), or None where the layer op would not take it."""
-    if not _backends.selects_compiled_cpu_kernel(backend, kernel):
+def streaming_step(step_op: _backends.Op, backend: Optional[str], x: Tensor, states: tuple, layers: list):
+    """One token for each of B rows through a stack of layers on the cpu backend's one-token
+    kernel of the Op `step_op`, for the modules' streaming calls: x (1, B, I) or (B, 1, I) and
+    states (L, B, H) as the module has them (the kernel keeps their leading dimensions), `layers`
+    one (w_ih, w_hh, b_ih, b_hh) per layer. It runs where the layer op would take the same
+    kernel: the module's `backend` (or RNNKERN_BACKEND) leaves the cpu backend chosen, the cpu
+    backend has the kernel for x's dtype, and step_kernel_applies; all are checked once for the
+    whole stack. There are no Python shape checks: the kernel checks shapes and dtypes against
+    each layer's weights itself. Returns (y shaped like x, *new states (L, B, H)), or None where
+    the layer op would not take it."""
+    if not _backends.selects_cpu(step_op, backend, x.dtype):
         return None
     weights = [w for layer in layers for w in layer]
-    if not step_kernel_applies("cpu", states[0].shape[1], x.dtype, _checks.keeps_grad((x, *states, *weights))):
+    if not step_kernel_applies(states[0].shape[1], _checks.keeps_grad((x, *states, *weights))):
         return None
-    step = getattr(torch.ops.rnnkern_C, kernel)
+    step = step_op.function("cpu", step_op.functions[0])
     if len(layers) == 1:  # the states as they are, no stacking of the finals
         return step(x, *states, *layers[0])
     y, finals = x, []

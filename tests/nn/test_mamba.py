@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 
 import rnnkern.nn
+from rnnkern.ops.selective_scan import SELECTIVE_SCAN
 from tests.conftest import backend_params
 from tests.tolerances import assert_close
 
 # The Triton interpreter is slow: Mamba runs it in one tiny case only (test_triton_backend_matches_reference).
-BACKENDS = [p for p in backend_params("selective_scan", "selective_scan_fwd") if p.values[1] != "triton"]
+BACKENDS = [p for p in backend_params(SELECTIVE_SCAN) if p.values[1] != "triton"]
 CONFIGS = {  # id: constructor arguments (d_inner = expand * d_model, not a power of two)
     "M12-N4-K4": dict(d_model=12, d_state=4, d_conv=4),
     "M10-N1-K2-bias": dict(d_model=10, d_state=1, d_conv=2, bias=True, conv_bias=False),
@@ -314,6 +315,7 @@ def test_compile_fullgraph_forward_and_backward(device, backend):
         assert_close(actual.grad, expected.grad, torch.float32, f"grad {name}")
 
 
+@pytest.mark.slow  # inductor compiles the whole block: about 30 s on 2 cores
 def test_compile_fullgraph_with_inductor():
     torch.manual_seed(0)
     model = TinyModel().eval()
@@ -322,7 +324,7 @@ def test_compile_fullgraph_with_inductor():
         assert_close(torch.compile(model, fullgraph=True)(x), model(x), torch.float32, "output")
 
 
-TRITON = [p for p in backend_params("selective_scan", "selective_scan_fwd") if p.values[1] == "triton"]
+TRITON = [p for p in backend_params(SELECTIVE_SCAN) if p.values[1] == "triton"]
 
 
 @pytest.mark.parametrize("device,backend", TRITON)

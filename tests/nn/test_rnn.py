@@ -8,6 +8,8 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnnkern.nn
+from rnnkern.ops.gru import GRU_LAYER
+from rnnkern.ops.lstm import LSTM_LAYER
 from tests.conftest import backend_params, ran_op
 from tests.tolerances import assert_close
 
@@ -17,13 +19,14 @@ MODULES = {  # mode: (torch.nn class, rnnkern class)
 }
 CELLS = {"lstm": (torch.nn.LSTMCell, rnnkern.nn.LSTMCell), "gru": (torch.nn.GRUCell, rnnkern.nn.GRUCell)}
 INPUT_SIZE, HIDDEN_SIZE, PROJ_SIZE = 4, 6, 3
+LAYER_OPS = {"lstm": LSTM_LAYER, "gru": GRU_LAYER}
 
 
-def mode_backends(op: str, fp64: bool) -> list:
+def mode_backends(fp64: bool) -> list:
     """pytest params (mode, device, backend); fp64 leaves out triton, which has no fp64."""
     params = []
     for mode in MODULES:
-        for param in backend_params(f"{mode}_{op}", f"{mode}_fwd"):
+        for param in backend_params(LAYER_OPS[mode]):
             device, backend = param.values
             if not (fp64 and backend == "triton"):
                 params.append(pytest.param(mode, device, backend, id=f"{mode}-{param.id}", marks=param.marks))
@@ -178,7 +181,7 @@ def grid_with_backends() -> list:
     """pytest params (mode, device, backend, config): every fp64 backend on every configuration."""
     return [
         pytest.param(mode, device, backend, config, id=f"{param.id}-{config_id(config)}", marks=param.marks)
-        for param in mode_backends("layer", fp64=True)
+        for param in mode_backends(fp64=True)
         for mode, device, backend in [param.values]
         for config in config_grid(mode)
     ]
@@ -195,14 +198,14 @@ def test_matches_torch_nn(mode, device, backend, config):
     assert_all_close(outputs_and_grads(actual, x, states), outputs_and_grads(expected, x, states), torch.float64)
 
 
-@pytest.mark.parametrize("mode,device,backend", mode_backends("layer", fp64=True))
+@pytest.mark.parametrize("mode,device,backend", mode_backends(fp64=True))
 def test_without_hx_starts_from_zeros(mode, device, backend):
     expected, actual = make_pair(mode, device, backend, num_layers=2, bidirectional=True)
     x = sequence(False, 2, 4, device, torch.float64)
     assert_all_close(outputs_and_grads(actual, x, []), outputs_and_grads(expected, x, []), torch.float64)
 
 
-TRITON = [p for p in mode_backends("layer", fp64=False) if p.values[2] == "triton"]
+TRITON = [p for p in mode_backends(fp64=False) if p.values[2] == "triton"]
 
 
 @pytest.mark.parametrize("mode,device,backend", TRITON)
@@ -221,7 +224,7 @@ PACKED_LENGTHS = {"unsorted": ([3, 6, 1, 4], False), "sorted": ([6, 4, 3, 1], Tr
 
 @pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "no-hx"])
 @pytest.mark.parametrize("lengths", PACKED_LENGTHS.values(), ids=PACKED_LENGTHS.keys())
-@pytest.mark.parametrize("mode,device,backend", mode_backends("layer", fp64=True))
+@pytest.mark.parametrize("mode,device,backend", mode_backends(fp64=True))
 def test_packed_sequence_matches_torch_nn(mode, device, backend, lengths, with_hx):
     lengths, enforce_sorted = lengths
     config = dict(num_layers=2, bidirectional=True, batch_first=True)
@@ -259,7 +262,7 @@ def test_packed_sequence_keeps_given_sorted_indices():
 
 @pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "no-hx"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["time-first", "batch-first"])
-@pytest.mark.parametrize("mode,device,backend", mode_backends("layer", fp64=True))
+@pytest.mark.parametrize("mode,device,backend", mode_backends(fp64=True))
 def test_unbatched_input_matches_torch_nn(mode, device, backend, batch_first, with_hx):
     expected, actual = make_pair(mode, device, backend, num_layers=2, bidirectional=True, batch_first=batch_first)
     x = sequence(True, 1, 5, device, torch.float64)[0]  # (T, I)
@@ -270,7 +273,7 @@ def test_unbatched_input_matches_torch_nn(mode, device, backend, batch_first, wi
 # --- streaming and dropout ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode,device,backend", mode_backends("layer", fp64=True))
+@pytest.mark.parametrize("mode,device,backend", mode_backends(fp64=True))
 def test_streaming_one_step_at_a_time_equals_sequence(mode, device, backend):
     config = dict(num_layers=2, batch_first=True, **({"proj_size": PROJ_SIZE} if mode == "lstm" else {}))
     _, module = make_pair(mode, device, backend, **config)
@@ -288,7 +291,7 @@ def test_streaming_one_step_at_a_time_equals_sequence(mode, device, backend):
         assert_close(step, full, torch.float64, name)
 
 
-CPU_LAYERS = [p for p in mode_backends("layer", fp64=True) if p.values[2] == "cpu"]
+CPU_LAYERS = [p for p in mode_backends(fp64=True) if p.values[2] == "cpu"]
 
 
 @pytest.mark.parametrize("num_layers", [1, 3], ids=["1-layer", "3-layers"])
@@ -395,7 +398,7 @@ def test_one_layer_streaming_call_bad_input_is_the_modules_error(case, device, b
         module(kwargs["input"], kwargs["hx"])
 
 
-@pytest.mark.parametrize("mode,device,backend", mode_backends("layer", fp64=True))
+@pytest.mark.parametrize("mode,device,backend", mode_backends(fp64=True))
 def test_training_dropout_one_zeroes_inputs_between_layers_like_torch_nn(mode, device, backend):
     """With p=1 dropout is deterministic: every layer after the first sees zero input."""
     expected, actual = make_pair(mode, device, backend, num_layers=3, dropout=1.0, bidirectional=True)
@@ -404,7 +407,7 @@ def test_training_dropout_one_zeroes_inputs_between_layers_like_torch_nn(mode, d
     assert_all_close(outputs_and_grads(actual, x, states), outputs_and_grads(expected, x, states), torch.float64)
 
 
-@pytest.mark.parametrize("mode,device,backend", mode_backends("layer", fp64=True))
+@pytest.mark.parametrize("mode,device,backend", mode_backends(fp64=True))
 def test_training_dropout_applies_between_layers_only(mode, device, backend):
     _, module = make_pair(mode, device, backend, num_layers=2, dropout=0.5)
     x = sequence(False, 4, 6, device, torch.float64)
@@ -433,7 +436,7 @@ class Stack(torch.nn.Module):
         return z.sin().sum() + h.square().sum() + c.sum() + g.sum()
 
 
-NOT_TRITON = [p for p in backend_params("lstm_layer", "lstm_fwd") if p.values[1] != "triton"]
+NOT_TRITON = [p for p in backend_params(LSTM_LAYER) if p.values[1] != "triton"]
 
 
 @pytest.mark.parametrize("device,backend", NOT_TRITON)
@@ -519,7 +522,7 @@ CELL_CASES = {  # id: (batch or None for unbatched, bias, with hx)
 
 
 @pytest.mark.parametrize("case", CELL_CASES.values(), ids=CELL_CASES.keys())
-@pytest.mark.parametrize("mode,device,backend", mode_backends("cell", fp64=True))
+@pytest.mark.parametrize("mode,device,backend", mode_backends(fp64=True))
 def test_cell_matches_torch_nn(mode, device, backend, case):
     batch, bias, with_hx = case
     expected, actual = make_cells(mode, device, backend, bias=bias)

@@ -1,16 +1,30 @@
 """Shared helpers for the LSTM and GRU op tests: one adapter per kind of recurrence."""
+import importlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 import rnnkern
+from rnnkern import _backends
+from rnnkern.ops.gru import GRU_LAYER
+from rnnkern.ops.lstm import LSTM_LAYER
 
 
 @dataclass(frozen=True)
 class Kind:
     name: str  # "lstm" or "gru"
     gates: int
+
+    @property
+    def layer_op(self) -> _backends.Op:
+        """The registry entry of rnnkern.lstm_layer / gru_layer."""
+        return LSTM_LAYER if self.name == "lstm" else GRU_LAYER
+
+    @property
+    def triton(self):
+        """The Triton launchers' module (imports triton)."""
+        return importlib.import_module(f"rnnkern.ops.{self.name}.triton")
 
     def module(self, features, hidden, proj=0, **kwargs) -> torch.nn.Module:
         if self.name == "lstm":

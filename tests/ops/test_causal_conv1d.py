@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import rnnkern
-from rnnkern import _backends
+from rnnkern.ops.causal_conv1d import CAUSAL_CONV1D_UPDATE
 from tests.conftest import backend_params, ran_op
 from tests.tolerances import assert_close
 
@@ -160,8 +160,8 @@ def test_opcheck():
     torch.library.opcheck(ops.causal_conv1d.default, (x, weight, b, "silu", "reference"))
     torch.library.opcheck(ops.causal_conv1d.default, (x, weight, None, None, "reference"))
     grad_out = torch.randn_like(x)
-    torch.library.opcheck(ops.causal_conv1d_backward.default, (x, weight, b, "silu", grad_out, "reference"))
-    torch.library.opcheck(ops.causal_conv1d_backward.default, (x, weight, None, None, grad_out, "reference"))
+    torch.library.opcheck(ops.causal_conv1d_bwd.default, (x, weight, b, "silu", grad_out, "reference"))
+    torch.library.opcheck(ops.causal_conv1d_bwd.default, (x, weight, None, None, grad_out, "reference"))
     state = torch.randn(2, 5, 4)
     torch.library.opcheck(ops.causal_conv1d_update.default, (x[..., 0], state, weight, b, "silu", "reference"))
     torch.library.opcheck(ops.causal_conv1d_update.default, (x[..., 0], state, weight, None, None, "reference"))
@@ -198,7 +198,7 @@ def test_compile_fullgraph_update_with_inductor():
 # --- backends -------------------------------------------------------------------------
 
 
-BACKENDS = backend_params("causal_conv1d_update", "causal_conv1d_update")
+BACKENDS = backend_params(CAUSAL_CONV1D_UPDATE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -218,7 +218,7 @@ def _ran_cpu_update_kernel(run) -> bool:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
 def test_cpu_update_kernel_runs_fp32_and_fp64(dtype):
-    if _backends.compiled_kernel_reason("causal_conv1d_update", torch.device("cpu")):
+    if CAUSAL_CONV1D_UPDATE.refusal("cpu", torch.device("cpu"), torch.float32):
         pytest.fail("rnnkern._C lacks causal_conv1d_update: rebuild the extension")
     x, weight, b = make_inputs((2, 5, 1, 4), dtype)
     state = torch.zeros(2, 5, 4, dtype=dtype)
@@ -226,12 +226,20 @@ def test_cpu_update_kernel_runs_fp32_and_fp64(dtype):
         dtype != torch.bfloat16)
 
 
-def test_forcing_a_backend_that_cannot_run_the_device_is_an_error():
+def test_forcing_a_backend_that_cannot_run_the_device_is_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the triton backend then takes CUDA tensors only
     x, weight, b = make_inputs((2, 5, 9, 4), torch.float32)
-    with pytest.raises(rnnkern.BackendError, match=r"causal_conv1d: backend 'cuda' cannot run this input"):
-        rnnkern.causal_conv1d(x, weight, b, backend="cuda")
-    with pytest.raises(rnnkern.BackendError, match=r"causal_conv1d_update: backend 'cuda' cannot run"):
-        rnnkern.causal_conv1d_update(x[..., 0], torch.zeros(2, 5, 4), weight, b, backend="cuda")
+    with pytest.raises(rnnkern.BackendError, match=r"causal_conv1d: backend 'triton' cannot run this input"):
+        rnnkern.causal_conv1d(x, weight, b, backend="triton")
+    with pytest.raises(rnnkern.BackendError, match=r"causal_conv1d_update: backend 'triton' cannot run"):
+        rnnkern.causal_conv1d_update(x[..., 0], torch.zeros(2, 5, 4), weight, b, backend="triton")
+
+
+def test_forcing_the_cpu_backend_on_a_dtype_its_update_kernel_lacks_is_an_error():
+    x, weight, b = make_inputs((2, 5, 1, 4), torch.bfloat16)
+    with pytest.raises(rnnkern.BackendError, match=r"backend 'cpu' cannot run this input: torch.bfloat16 is not "
+                                                   r"supported by its causal_conv1d_update kernel"):
+        rnnkern.causal_conv1d_update(x[..., 0], torch.zeros(2, 5, 4), weight, b, backend="cpu")
 
 
 # --- bad input ------------------------------------------------------------------------

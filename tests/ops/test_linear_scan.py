@@ -3,10 +3,11 @@ import pytest
 import torch
 
 import rnnkern
-from tests.conftest import backend_params
+from rnnkern.ops.linear_scan import LINEAR_SCAN
+from tests.conftest import backend_params, interpreted_as_slow
 from tests.tolerances import assert_close
 
-BACKENDS = backend_params("linear_scan", "linear_scan_fwd")
+BACKENDS = backend_params(LINEAR_SCAN)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SHAPES = [(2, 63, 37), (1, 1, 5), (1, 1025, 5), (3, 64, 32)]  # (B, T, D)
 
@@ -140,7 +141,7 @@ def test_single_step(device, backend):
     assert_all_close(out, run("reference", a, b, h0), torch.float32)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", interpreted_as_slow(BACKENDS))
 def test_sequence_longer_than_65536(device, backend):
     a, b, h0 = make_inputs((1, 70001, 3), torch.float32, device, gates=(0.9, 1.0))
     assert_all_close(run(backend, a, b, h0), run("reference", a, b, h0), torch.float32)
@@ -168,7 +169,7 @@ def run_with_ones(backend, a, b):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", interpreted_as_slow(BACKENDS))
 def test_long_memory_low_precision_against_fp64(device, backend, dtype):
     """Gates near 1 over thousands of steps: only an fp32 state keeps h within output rounding."""
     a, b, h0 = make_inputs((1, 4096, 8), dtype, device, gates=(0.999, 1.0))
@@ -218,7 +219,7 @@ def test_opcheck(device, backend):
     )
     h = rnnkern.linear_scan(a, b, h0, backend=backend)
     torch.library.opcheck(
-        torch.ops.rnnkern.linear_scan_backward.default, (a, h, h0, torch.ones_like(h), h0, None, False, backend)
+        torch.ops.rnnkern.linear_scan_bwd.default, (a, h, h0, torch.ones_like(h), h0, None, False, backend)
     )
 
 

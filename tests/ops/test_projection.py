@@ -3,15 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rnnkern import _backends
 from rnnkern.ops import _projection
 from tests.conftest import ran_op
 from tests.tolerances import assert_close
 
-needs_kernel = pytest.mark.skipif(
-    _backends.compiled_kernel_reason("input_projection", torch.device("cpu")) is not None,
-    reason="rnnkern._C has no input_projection kernel",
-)
+_KERNEL_REASON = _projection.INPUT_PROJECTION.refusal("cpu", torch.device("cpu"), torch.float32)
+needs_kernel = pytest.mark.skipif(_KERNEL_REASON is not None, reason=f"cpu backend: {_KERNEL_REASON}")
 
 
 def _inputs(rows: int, dtype=torch.float32, bias=True, seed=0):
@@ -59,8 +56,8 @@ def test_gradcheck_and_opcheck():
 
 
 def _panel_kernel_reason():
-    if _backends.compiled_kernel_reason("input_projection", torch.device("cpu")) is not None:
-        return "rnnkern._C is not built"
+    if _KERNEL_REASON is not None:
+        return _KERNEL_REASON
     try:
         torch.ops.rnnkern_C.panel_matmul(torch.zeros(1, 1), torch.zeros(1, 1))
     except RuntimeError as error:

@@ -6,10 +6,11 @@ import torch
 import rnnkern
 from rnnkern import _backends
 from rnnkern.ops import selective_scan as ops
+from rnnkern.ops.selective_scan import SELECTIVE_SCAN, SELECTIVE_STATE_UPDATE
 from tests.conftest import backend_params, ran_op
 from tests.tolerances import assert_close
 
-BACKENDS = backend_params("selective_scan", "selective_scan_fwd")
+BACKENDS = backend_params(SELECTIVE_SCAN)
 DTYPE_IDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
 OPTIONS = ("D", "z", "bias", "softplus")  # D, z, delta_bias given; delta_softplus=True
 # (batch, channels, length, state size, B/C layout, options): odd L, L = 1, L over several
@@ -37,10 +38,10 @@ def dtype_id(dtype) -> str:
     return DTYPE_IDS[dtype]
 
 
-def with_cases(cases, interpreted=INTERPRETED) -> list:
+def with_cases(cases, interpreted=INTERPRETED, backends=BACKENDS) -> list:
     """(device, backend, case) params: every backend with `cases`, the interpreter with fewer."""
     params = []
-    for backend_param in BACKENDS:
+    for backend_param in backends:
         device, backend = backend_param.values
         slow = backend == "triton" and device == "cpu"
         for case in cases:
@@ -215,7 +216,7 @@ def test_returns_like_mamba_ssm(device, backend):
 @pytest.mark.parametrize("device,backend,case", with_cases([CASES[4], CASES[3]], interpreted=[CASES[3]]))
 def test_kernel_checkpoints_are_the_states_before_each_chunk(device, backend, case, training):
     inputs = make_inputs(case, torch.float32, device)
-    forward = ops._kernels(backend)[0]
+    forward = SELECTIVE_SCAN.function(backend, "selective_scan_fwd")
     args = [inputs.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
     args[3:5] = [ops._variable(args[3]), ops._variable(args[4])]
     out, last, checkpoints = forward(*args, inputs["delta_softplus"], inputs["initial_state"], training)
@@ -292,8 +293,14 @@ def update_step(state, inputs, t, backend):
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-@pytest.mark.parametrize("device,backend,case", with_cases(UPDATE_CASES))
+UPDATE_CASES_BY_DTYPE = [
+    pytest.param(*p.values, dtype, id=f"{p.id}-{dtype_id(dtype)}", marks=p.marks)
+    for dtype in (torch.float32, torch.bfloat16)
+    for p in with_cases(UPDATE_CASES, backends=backend_params(SELECTIVE_STATE_UPDATE, dtype))
+]
+
+
+@pytest.mark.parametrize("device,backend,case,dtype", UPDATE_CASES_BY_DTYPE)
 def test_state_update_steps_equal_the_scan(device, backend, case, dtype):
     inputs = make_inputs(case, dtype, device)
     out, last = rnnkern.selective_scan(**inputs, return_last_state=True, backend=backend)
@@ -307,7 +314,7 @@ def test_state_update_steps_equal_the_scan(device, backend, case, dtype):
     assert_close(state, last, torch.float32, "state after the last step")
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", backend_params(SELECTIVE_STATE_UPDATE, torch.bfloat16))
 def test_state_update_keeps_a_state_in_the_input_dtype(device, backend):
     inputs = make_inputs(UPDATE_CASES[0], torch.bfloat16, device)
     low = inputs["initial_state"].bfloat16()
@@ -318,7 +325,14 @@ def test_state_update_keeps_a_state_in_the_input_dtype(device, backend):
     assert torch.equal(low, high.bfloat16())
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_forcing_the_cpu_backend_on_a_dtype_its_update_kernel_lacks_is_an_error():
+    inputs = make_inputs(UPDATE_CASES[0], torch.bfloat16, "cpu")
+    with pytest.raises(rnnkern.BackendError, match=r"backend 'cpu' cannot run this input: torch.bfloat16 is not "
+                                                   r"supported by its selective_state_update kernel"):
+        update_step(inputs["initial_state"].clone(), inputs, 0, "cpu")
+
+
+@pytest.mark.parametrize("device,backend", backend_params(SELECTIVE_STATE_UPDATE))
 def test_state_update_opcheck(device, backend):
     inputs = make_inputs((2, 6, 1, 4, "grouped3", OPTIONS), torch.float32, device)
     state = inputs["initial_state"].clone()
@@ -329,7 +343,7 @@ def test_state_update_opcheck(device, backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
 def test_state_update_runs_the_cpu_kernel_for_fp32_and_fp64(dtype):
-    if _backends.compiled_kernel_reason("selective_state_update", torch.device("cpu")):
+    if SELECTIVE_STATE_UPDATE.refusal("cpu", torch.device("cpu"), torch.float32):
         pytest.fail("rnnkern._C lacks selective_state_update: rebuild the extension")
     inputs = make_inputs(UPDATE_CASES[0], dtype, "cpu")
     ran = ran_op("rnnkern_C::selective_state_update",
@@ -368,7 +382,7 @@ def test_opcheck(device, backend):
                           test_utils=("test_schema", "test_faketensor"))
     _, _, checkpoints = scan(u, delta, A, B, C, D, z, bias, True, h0, True, backend)
     torch.library.opcheck(
-        torch.ops.rnnkern.selective_scan_backward.default,
+        torch.ops.rnnkern.selective_scan_bwd.default,
         (u, delta, A, B, C, D, z, bias, True, h0, checkpoints, torch.ones_like(u), torch.ones_like(h0), backend),
     )
 
@@ -406,19 +420,19 @@ def test_compile_fullgraph_with_inductor():
 
 
 def test_cpu_backend_without_its_compiled_kernel_is_refused_with_a_reason():
-    """What happens when rnnkern._C was built before selective_scan existed."""
-    supports = _backends.kernel_support("selective_scan_missing_fwd")
+    """What happens when rnnkern._C was built before an op existed."""
+    missing = _backends.Op("selective_scan", functions=("selective_scan_missing_fwd",),
+                           kernels={"reference": "rnnkern.ops.selective_scan.reference", "cpu": _backends.COMPILED})
     cpu = torch.device("cpu")
-    assert "has no selective_scan_missing_fwd op" in supports("cpu", cpu, torch.float32)
-    assert _backends.select("selective_scan", cpu, torch.float32, supports) == "reference"
+    assert "has no selective_scan_missing_fwd op" in missing.refusal("cpu", cpu, torch.float32)
+    assert _backends.select(missing, cpu, torch.float32) == "reference"
     with pytest.raises(rnnkern.BackendError, match="backend 'cpu' cannot run this input: .*selective_scan_missing"):
-        _backends.select("selective_scan", cpu, torch.float32, supports, "cpu")
+        _backends.select(missing, cpu, torch.float32, "cpu")
 
 
 def test_default_backend_has_the_kernel():
-    expected = "cpu" if _backends.compiled_kernel_reason("selective_scan_fwd", torch.device("cpu")) is None \
-        else "reference"
-    assert _backends.select("selective_scan", torch.device("cpu"), torch.float32, ops._supports) == expected
+    assert _backends.unavailable_reason("cpu") is None
+    assert _backends.select(SELECTIVE_SCAN, torch.device("cpu"), torch.float32) == "cpu"
 
 
 # --- bad input ------------------------------------------------------------------------

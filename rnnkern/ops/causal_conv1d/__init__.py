@@ -12,30 +12,26 @@ from torch import Tensor
 
 from rnnkern import _backends
 from rnnkern.ops import _checks
-from rnnkern.ops.causal_conv1d import reference
-from rnnkern.ops.causal_conv1d.reference import compute_dtype
+from rnnkern.ops._common import state_dtype
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
 ACTIVATIONS = {None: None, "silu": "silu", "swish": "silu"}  # accepted name -> the op's name
 
 
-def _kernels(backend: str, dtype: torch.dtype):
-    """(forward, backward, update) of `backend`, with reference.py's signatures."""
-    update = reference.causal_conv1d_update
-    if backend == "cpu" and dtype in (torch.float32, torch.float64):
-        update = _cpu_update
-    return reference.causal_conv1d_fwd, reference.causal_conv1d_bwd, update
-
-
-def _cpu_update(x, conv_state, weight, bias, activation):
-    return torch.ops.rnnkern_C.causal_conv1d_update(x, conv_state, weight, bias, activation == "silu")
-
-
-def _supports(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    if backend == "cpu":
-        return _backends.compiled_kernel_reason("causal_conv1d_update", device)
-    return None
+_REFERENCE = f"{__name__}.reference"
+# Every backend runs the convolution as the reference's F.conv1d, a native kernel on every device.
+CAUSAL_CONV1D = _backends.Op(
+    "causal_conv1d", functions=("causal_conv1d_fwd", "causal_conv1d_bwd"),
+    kernels={"reference": _REFERENCE, "cpu": _REFERENCE, "triton": _REFERENCE},
+)
+# One decode step: a C++ kernel on the cpu backend (fp32/fp64); the reference's few torch ops on
+# CUDA tensors (the triton backend has no kernel of its own for it: it runs those same ops).
+CAUSAL_CONV1D_UPDATE = _backends.Op(
+    "causal_conv1d_update", functions=("causal_conv1d_update",),
+    kernels={"reference": _REFERENCE, "cpu": _backends.COMPILED, "triton": _REFERENCE},
+    dtypes={"cpu": _backends.STEP_DTYPES},
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -46,7 +42,7 @@ def _supports(backend: str, device: torch.device, dtype: torch.dtype) -> Optiona
 def _causal_conv1d_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], backend: str
 ) -> Tensor:
-    forward, _, _ = _kernels(backend, x.dtype)
+    forward = CAUSAL_CONV1D.function(backend, "causal_conv1d_fwd")
     return forward(x, weight, bias, activation)
 
 
@@ -55,15 +51,15 @@ def _(x, weight, bias, activation, backend):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("rnnkern::causal_conv1d_backward", mutates_args=())
-def _causal_conv1d_backward_op(
+@torch.library.custom_op("rnnkern::causal_conv1d_bwd", mutates_args=())
+def _causal_conv1d_bwd_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], grad_out: Tensor, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _, backward, _ = _kernels(backend, x.dtype)
+    backward = CAUSAL_CONV1D.function(backend, "causal_conv1d_bwd")
     return backward(x, weight, bias, activation, grad_out)
 
 
-@_causal_conv1d_backward_op.register_fake
+@_causal_conv1d_bwd_op.register_fake
 def _(x, weight, bias, activation, grad_out, backend):
     grad_bias = x.new_empty((weight.shape[0],) if bias is not None else (0,))
     return x.new_empty(x.shape), weight.new_empty(weight.shape), grad_bias
@@ -77,7 +73,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, weight, bias = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = _causal_conv1d_backward_op(
+    grad_x, grad_weight, grad_bias = _causal_conv1d_bwd_op(
         x, weight, bias, ctx.activation, grad_out, ctx.backend
     )
     return grad_x, grad_weight, (grad_bias if bias is not None else None), None, None
@@ -90,7 +86,7 @@ _causal_conv1d_op.register_autograd(_backward, setup_context=_setup_context)
 def _causal_conv1d_update_op(
     x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], backend: str
 ) -> Tensor:
-    _, _, update = _kernels(backend, x.dtype)
+    update = CAUSAL_CONV1D_UPDATE.function(backend, "causal_conv1d_update")
     return update(x, conv_state, weight, bias, activation)
 
 
@@ -139,7 +135,7 @@ def causal_conv1d(
         >>> y = rnnkern.causal_conv1d(x, w, b, activation="silu")   # (2, 64, 100)
     """
     activation = _validate(x, weight, bias, activation)
-    name = _backends.select("causal_conv1d", x.device, x.dtype, _supports, backend)
+    name = _backends.select(CAUSAL_CONV1D, x.device, x.dtype, backend)
     return _causal_conv1d_op(x, weight, bias, activation, name)
 
 
@@ -179,13 +175,12 @@ def causal_conv1d_update(
         ...     y_t = rnnkern.causal_conv1d_update(x_t, state, w, b, activation="silu")
     """
     activation = _validate_update(x, conv_state, weight, bias, activation)
-    name = _backends.select("causal_conv1d_update", x.device, x.dtype, _supports, backend)
+    name = _backends.select(CAUSAL_CONV1D_UPDATE, x.device, x.dtype, backend)
     if torch.compiler.is_compiling():
         return _causal_conv1d_update_op(x, conv_state, weight, bias, activation, name)
     # eagerly the kernel runs directly: the op wrapper (kept for torch.compile) costs more
     # than the step itself
-    _, _, update = _kernels(name, x.dtype)
-    return update(x, conv_state, weight, bias, activation)
+    return CAUSAL_CONV1D_UPDATE.function(name, "causal_conv1d_update")(x, conv_state, weight, bias, activation)
 
 
 def _validate(x, weight, bias, activation) -> Optional[str]:
@@ -204,7 +199,7 @@ def _validate_update(x, conv_state, weight, bias, activation) -> Optional[str]:
     _checks.float_dtype("x", x)
     _check_weights(x, weight, bias)
     shape = (x.shape[0], x.shape[1], weight.shape[1])
-    _checks.state("conv_state", conv_state, x, shape, compute_dtype(x.dtype))
+    _checks.state("conv_state", conv_state, x, shape, state_dtype(x.dtype))
     return _activation(activation)
 
 

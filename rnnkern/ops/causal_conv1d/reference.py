@@ -21,10 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the arithmetic: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64."""
-    return torch.promote_types(dtype, torch.float32)
+from rnnkern.ops._common import state_dtype
 
 
 def causal_conv1d_fwd(
@@ -43,7 +40,7 @@ def causal_conv1d_bwd(
     activation: Optional[str],
     grad_out: Tensor,  # (B, D, L)
 ) -> tuple[Tensor, Tensor, Tensor]:  # dx (B, D, L), dweight (D, W), dbias (D,) or empty (0,)
-    acc = compute_dtype(x.dtype)
+    acc = state_dtype(x.dtype)
     g = grad_out.to(acc)
     if activation == "silu":
         pre = _pre_activation(x, weight, bias)  # recomputed: cheaper than saving it
@@ -65,7 +62,7 @@ def causal_conv1d_update(
     bias: Optional[Tensor],  # (D,)
     activation: Optional[str],
 ) -> Tensor:  # out (B, D) in x.dtype
-    acc = compute_dtype(x.dtype)
+    acc = state_dtype(x.dtype)
     rolled = torch.cat([conv_state[:, :, 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)  # (B, D, W)
     conv_state.copy_(rolled)
     pre = (rolled.to(acc) * weight.to(acc)).sum(dim=-1)  # (B, D)
@@ -76,7 +73,7 @@ def causal_conv1d_update(
 
 def _pre_activation(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """conv + bias in the compute dtype: left-pad W - 1 zeros, then a depthwise conv1d."""
-    acc = compute_dtype(x.dtype)
+    acc = state_dtype(x.dtype)
     channels, width = weight.shape
     padded = F.pad(x.to(acc), (width - 1, 0))  # (B, D, L + W - 1)
     b = bias.to(acc) if bias is not None else None

@@ -6,37 +6,32 @@ from torch import Tensor
 
 from rnnkern import _backends
 from rnnkern.ops import _checks
+from rnnkern.ops._common import state_dtype, weight_grad, zeros_if_none
 from rnnkern.ops._projection import input_projection
 from rnnkern.ops._sequences import previous_states, takes_step_kernel
-from rnnkern.ops.gru import reference
-from rnnkern.ops.lstm import _weight_grad, _zeros_if_none
-from rnnkern.ops.lstm.reference import state_dtype
 
 __all__ = ["gru_layer", "gru_cell"]
 
 
-def _kernels(backend: str):
-    """(forward, backward) of `backend`, with reference.py's signatures."""
-    return _backends.kernels("gru", backend, reference)
-
-
-_supports = _backends.kernel_support("gru_fwd")
+GRU_LAYER = _backends.sequence_op("gru_layer", __name__)
+# The one-token kernel gru_layer takes for T = 1 without autograd (see _sequences.takes_step_kernel).
+GRU_STEP = _backends.step_op("gru_step")
 
 
 # ---------------------------------------------------------------------------------------
 # torch.library ops over the recurrence; the input projection stays outside (one GEMM).
 
 
-@torch.library.custom_op("rnnkern::gru_recurrence", mutates_args=())
-def _gru_op(
+@torch.library.custom_op("rnnkern::gru_layer", mutates_args=())
+def _gru_layer_op(
     gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], lengths: Optional[Tensor], reverse: bool,
     training: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    forward, _ = _kernels(backend)
+    forward = GRU_LAYER.function(backend, "gru_layer_fwd")
     return forward(gx, h0, w_hh, b_hh, lengths, reverse, training)
 
 
-@_gru_op.register_fake
+@_gru_layer_op.register_fake
 def _(gx, h0, w_hh, b_hh, lengths, reverse, training, backend):
     batch, steps, _ = gx.shape
     hidden, acc = h0.shape[1], state_dtype(gx.dtype)
@@ -45,16 +40,16 @@ def _(gx, h0, w_hh, b_hh, lengths, reverse, training, backend):
             gx.new_empty(workspace[0], dtype=acc), gx.new_empty(workspace[1], dtype=acc))
 
 
-@torch.library.custom_op("rnnkern::gru_recurrence_backward", mutates_args=())
-def _gru_backward_op(
+@torch.library.custom_op("rnnkern::gru_layer_bwd", mutates_args=())
+def _gru_layer_bwd_op(
     w_hh: Tensor, gates: Tensor, ghn: Tensor, h_prev: Tensor, grad_y: Tensor, grad_h_n: Tensor,
     lengths: Optional[Tensor], reverse: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _, backward = _kernels(backend)
+    backward = GRU_LAYER.function(backend, "gru_layer_bwd")
     return backward(w_hh, gates, ghn, h_prev, grad_y, grad_h_n, lengths, reverse)
 
 
-@_gru_backward_op.register_fake
+@_gru_layer_bwd_op.register_fake
 def _(w_hh, gates, ghn, h_prev, grad_y, grad_h_n, lengths, reverse, backend):
     return gates.new_empty(gates.shape), gates.new_empty(gates.shape), gates.new_empty(grad_h_n.shape)
 
@@ -73,16 +68,16 @@ def _backward(ctx, grad_y, grad_h_n, _grad_gates, _grad_ghn):
     if not ctx.training:
         raise RuntimeError("gru_layer ran with training=False; it kept nothing to differentiate")
     h_prev = previous_states(y, h0, lengths, ctx.reverse)  # (B, T, H)
-    d_gx, d_gh, d_h0 = _gru_backward_op(
-        w_hh, gates, ghn, h_prev, _zeros_if_none(grad_y, y), _zeros_if_none(grad_h_n, h0), lengths,
+    d_gx, d_gh, d_h0 = _gru_layer_bwd_op(
+        w_hh, gates, ghn, h_prev, zeros_if_none(grad_y, y), zeros_if_none(grad_h_n, h0), lengths,
         ctx.reverse, ctx.backend,
     )
     d_b_hh = d_gh.sum(dim=(0, 1)).to(b_hh.dtype) if b_hh is not None else None
-    return (d_gx.to(y.dtype), d_h0.to(h0.dtype), _weight_grad(d_gh, h_prev, w_hh), d_b_hh,
+    return (d_gx.to(y.dtype), d_h0.to(h0.dtype), weight_grad(d_gh, h_prev, w_hh), d_b_hh,
             None, None, None, None)
 
 
-_gru_op.register_autograd(_backward, setup_context=_setup_context)
+_gru_layer_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,12 +125,12 @@ def gru_layer(
         ...                          gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
     """
     h0, lengths = _validate(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
-    name = _backends.select("gru_layer", x.device, x.dtype, _supports, backend)
+    name = _backends.select(GRU_LAYER, x.device, x.dtype, backend)
     training = _checks.keeps_grad((x, h0, w_ih, w_hh, b_ih, b_hh))
-    if takes_step_kernel(name, x, lengths, training):
-        return torch.ops.rnnkern_C.gru_step(x, h0, w_ih, w_hh, b_ih, b_hh)  # (B, 1, H), (B, H)
+    if takes_step_kernel(GRU_STEP, name, x, lengths, training):
+        return GRU_STEP.function(name, "gru_step")(x, h0, w_ih, w_hh, b_ih, b_hh)  # (B, 1, H), (B, H)
     gx = input_projection(x, w_ih, b_ih, name)  # (B, T, 3H)
-    y, h_n, _, _ = _gru_op(gx, h0, w_hh, b_hh, lengths, reverse, training, name)
+    y, h_n, _, _ = _gru_layer_op(gx, h0, w_hh, b_hh, lengths, reverse, training, name)
     return y, h_n
 
 

@@ -20,11 +20,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from rnnkern.ops._sequences import flip_valid, full_lengths
-from rnnkern.ops.lstm.reference import state_dtype
+from rnnkern.ops._common import state_dtype
+from rnnkern.ops._sequences import flip_valid, full_lengths, stack_steps
 
 
-def gru_fwd(
+def gru_layer_fwd(
     gx: Tensor,  # (B, T, 3H) input projection, b_ih included
     h0: Tensor,  # (B, H)
     w_hh: Tensor,  # (3H, H)
@@ -57,17 +57,11 @@ def gru_fwd(
         ys.append(torch.where(active, h_new, 0))
         gates.append(torch.where(active, torch.cat([r, z, n], dim=1), 0))
         ghn.append(torch.where(active, gh_n, 0))
-    y, gates, ghn = (torch.stack(x, dim=1) for x in (ys, gates, ghn))
-    if not training:
-        gates, ghn = gates.new_empty(0), ghn.new_empty(0)
-    elif reverse:
-        gates, ghn = flip_valid(gates, lengths), flip_valid(ghn, lengths)
-    if reverse:
-        y = flip_valid(y, lengths)
+    y, gates, ghn = stack_steps(ys, (gates, ghn), lengths, reverse, training)
     return y, h, gates, ghn
 
 
-def gru_bwd(
+def gru_layer_bwd(
     w_hh: Tensor,  # (3H, H)
     gates: Tensor,  # (B, T, 3H) activated r, z, n, state dtype
     ghn: Tensor,  # (B, T, H) state dtype

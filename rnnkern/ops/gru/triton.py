@@ -1,7 +1,7 @@
 """Triton kernels of the GRU recurrence (math: reference.py).
 
-The same two paths as the LSTM kernels (rnnkern/ops/lstm/triton.py, which also holds the
-helpers shared here): persistent when the padded hidden size is at most PERSISTENT_MAX = 64
+The same two paths as the LSTM kernels (rnnkern/ops/lstm/triton.py; the helpers
+shared by both live in rnnkern/ops/_triton.py): persistent when the padded hidden size is at most PERSISTENT_MAX = 64
 (W_hh, 3*64*64 values, stays on chip for all T steps of a tile of 16 sequences), else
 alternating: per step, one kernel computes h_{t-1} W_hh^T + b_hh for a tile of (sequences,
 hidden units) fused with the gate math; the backward runs per step one kernel for the
@@ -14,12 +14,10 @@ import triton
 import triton.language as tl
 
 from rnnkern.ops._sequences import full_lengths
-from rnnkern.ops.lstm.triton import (
-    BLOCK_B_PERSISTENT, BLOCK_K, BLOCK_N, PERSISTENT_MAX, _dot, _emit, _mm, _step_time, _tanh, _to,
-    alternating_grid, padded,
+from rnnkern.ops._triton import (
+    BLOCK_B_PERSISTENT, BLOCK_K, BLOCK_N, PERSISTENT_MAX, alternating_grid, dot, emit, mm, padded, path_for,
+    persistent_tile, step_tile, step_time, tanh, to,
 )
-
-FORCE_PATH: Optional[str] = None  # "persistent" or "alternating" overrides choose_path (tests)
 
 
 # ---------------------------------------------------------------------------------------
@@ -31,7 +29,7 @@ def _gru_cell(gx_r, gx_z, gx_n, gh_r, gh_z, gh_n, h_prev):
     """Gates r, z, n and h_t in fp32 from the input and hidden projections and h_{t-1}."""
     r = tl.sigmoid(gx_r + gh_r)
     z = tl.sigmoid(gx_z + gh_z)
-    n = _tanh(gx_n + r * gh_n)
+    n = tanh(gx_n + r * gh_n)
     return r, z, n, (1.0 - z) * n + z * h_prev
 
 
@@ -82,11 +80,7 @@ def _gru_fwd_persistent_kernel(
     HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, KEEP: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
-    offs_h = tl.arange(0, BLOCK_H)
-    mask_b, mask_h = offs_b < B, offs_h < H
-    mask = mask_b[:, None] & mask_h[None, :]  # [BLOCK_B, BLOCK_H]
-    lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
+    offs_b, offs_h, mask_b, mask_h, mask, lengths = persistent_tile(lengths_ptr, B, H, BLOCK_B, BLOCK_H)
     # W_hh^T of each gate, [BLOCK_H, BLOCK_H]: element (k, j) is W_hh[q H + j, k]
     w_offs = offs_h[None, :] * H + offs_h[:, None]
     w_mask = mask_h[:, None] & mask_h[None, :]
@@ -99,14 +93,14 @@ def _gru_fwd_persistent_kernel(
     state = offs_b[:, None] * H + offs_h[None, :]
     h = tl.load(h0_ptr + state, mask=mask, other=0.0)  # [BLOCK_B, BLOCK_H] input dtype
     for step in range(0, T):
-        time, active = _step_time(lengths, step, REVERSE)
+        time, active = step_time(lengths, step, REVERSE)
         rows = offs_b.to(tl.int64) * T + time  # [BLOCK_B] row of the (B, T, ...) tensors
         gate_offs = rows[:, None] * (3 * H) + offs_h[None, :]
         gx_r, gx_z, gx_n = _load3(gx_ptr + gate_offs, H, mask)
-        gh_n = _dot(h, w_n, b_n)
-        r, z, n, h_new = _gru_cell(gx_r, gx_z, gx_n, _dot(h, w_r, b_r), _dot(h, w_z, b_z), gh_n,
+        gh_n = dot(h, w_n, b_n)
+        r, z, n, h_new = _gru_cell(gx_r, gx_z, gx_n, dot(h, w_r, b_r), dot(h, w_z, b_z), gh_n,
                                    h.to(tl.float32))
-        h_new = _to(h_new, h.dtype)
+        h_new = to(h_new, h.dtype)
         if KEEP:  # the backward's workspace
             _store3(gates_ptr + gate_offs, H, r, z, n, active, mask)
             tl.store(ghn_ptr + rows[:, None] * H + offs_h[None, :], tl.where(active[:, None], gh_n, 0.0),
@@ -123,22 +117,16 @@ def _gru_bwd_persistent_kernel(
     B, T, H,
     REVERSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
-    offs_h = tl.arange(0, BLOCK_H)
-    mask_b, mask_h = offs_b < B, offs_h < H
-    mask = mask_b[:, None] & mask_h[None, :]  # [BLOCK_B, BLOCK_H]
-    lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
+    offs_b, offs_h, mask_b, mask_h, mask, lengths = persistent_tile(lengths_ptr, B, H, BLOCK_B, BLOCK_H)
     # W_hh of each gate in fp32, [BLOCK_H, BLOCK_H]: element (j, k) is W_hh[q H + j, k]
     w_offs = offs_h[:, None] * H + offs_h[None, :]
     w_mask = mask_h[:, None] & mask_h[None, :]
-    w_r = tl.load(w_hh_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
-    w_z = tl.load(w_hh_ptr + H * H + w_offs, mask=w_mask, other=0.0).to(tl.float32)
-    w_n = tl.load(w_hh_ptr + 2 * H * H + w_offs, mask=w_mask, other=0.0).to(tl.float32)
+    w_r, w_z, w_n = _load3(w_hh_ptr + w_offs, H * H, w_mask)
     state = offs_b[:, None] * H + offs_h[None, :]
     dh = tl.load(grad_h_n_ptr + state, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_B, BLOCK_H]
     for k in range(0, T):
         step = T - 1 - k
-        time, active = _step_time(lengths, step, REVERSE)
+        time, active = step_time(lengths, step, REVERSE)
         keep = active[:, None]
         rows = offs_b.to(tl.int64) * T + time  # [BLOCK_B]
         offs = rows[:, None] * H + offs_h[None, :]
@@ -154,7 +142,7 @@ def _gru_bwd_persistent_kernel(
         _store3(d_gx_ptr + gate_offs, H, d_r, d_z, d_n, active, mask)
         _store3(d_gh_ptr + gate_offs, H, d_r, d_z, d_hn, active, mask)
         # dh <- dh_t z + d_gh W_hh inside a sequence, dh past its end (d_gh is zero there)
-        dh = _dot(d_hn, w_n, _dot(d_z, w_z, _dot(d_r, w_r, tl.where(keep, dh_t * z, dh))))
+        dh = dot(d_hn, w_n, dot(d_z, w_z, dot(d_r, w_r, tl.where(keep, dh_t * z, dh))))
     tl.store(d_h0_ptr + state, dh, mask=mask)
 
 
@@ -169,21 +157,16 @@ def _gru_fwd_step_kernel(
     HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, KEEP: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
-    offs_h = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    mask_b, mask_h = offs_b < B, offs_h < H
-    mask = mask_b[:, None] & mask_h[None, :]  # [BLOCK_B, BLOCK_N]
-    lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
-    time, active = _step_time(lengths, step, REVERSE)
-    rows = offs_b.to(tl.int64) * T + time  # [BLOCK_B]
+    offs_b, offs_h, mask_b, mask_h, mask, lengths, active, rows = step_tile(
+        lengths_ptr, step, B, T, H, REVERSE, BLOCK_B, BLOCK_N)  # [BLOCK_B], [BLOCK_N]
     gate_offs = rows[:, None] * (3 * H) + offs_h[None, :]
     h_rows = h_in_ptr + offs_b * H
     w_cols = w_hh_ptr + offs_h * H  # row j of W_hh's first gate
-    gh_r = _mm(_bias(b_hh_ptr, offs_h, mask_h, HAS_BIAS, BLOCK_B), h_rows, 1, mask_b, w_cols, 1, mask_h, H,
+    gh_r = mm(_bias(b_hh_ptr, offs_h, mask_h, HAS_BIAS, BLOCK_B), h_rows, 1, mask_b, w_cols, 1, mask_h, H,
                BLOCK_K)
-    gh_z = _mm(_bias(b_hh_ptr, H + offs_h, mask_h, HAS_BIAS, BLOCK_B), h_rows, 1, mask_b, w_cols + H * H, 1,
+    gh_z = mm(_bias(b_hh_ptr, H + offs_h, mask_h, HAS_BIAS, BLOCK_B), h_rows, 1, mask_b, w_cols + H * H, 1,
                mask_h, H, BLOCK_K)
-    gh_n = _mm(_bias(b_hh_ptr, 2 * H + offs_h, mask_h, HAS_BIAS, BLOCK_B), h_rows, 1, mask_b,
+    gh_n = mm(_bias(b_hh_ptr, 2 * H + offs_h, mask_h, HAS_BIAS, BLOCK_B), h_rows, 1, mask_b,
                w_cols + 2 * H * H, 1, mask_h, H, BLOCK_K)
     gx_r, gx_z, gx_n = _load3(gx_ptr + gate_offs, H, mask)
     state = offs_b[:, None] * H + offs_h[None, :]
@@ -192,7 +175,7 @@ def _gru_fwd_step_kernel(
     if KEEP:  # the backward's workspace
         _store3(gates_ptr + gate_offs, H, r, z, n, active, mask)
         tl.store(ghn_ptr + rows[:, None] * H + offs_h[None, :], tl.where(active[:, None], gh_n, 0.0), mask=mask)
-    _emit(h, active, state, h_in_ptr, h_out_ptr, y_ptr, rows[:, None] * H + offs_h[None, :], mask)
+    emit(h, active, state, h_in_ptr, h_out_ptr, y_ptr, rows[:, None] * H + offs_h[None, :], mask)
 
 
 @triton.jit(do_not_specialize=["step"])
@@ -202,13 +185,8 @@ def _gru_bwd_step_kernel(
     REVERSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """d_gx and d_gh at `step`; dh is still the one from the step after."""
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
-    offs_h = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    mask_b, mask_h = offs_b < B, offs_h < H
-    mask = mask_b[:, None] & mask_h[None, :]  # [BLOCK_B, BLOCK_N]
-    lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
-    time, active = _step_time(lengths, step, REVERSE)
-    rows = offs_b.to(tl.int64) * T + time  # [BLOCK_B]
+    offs_b, offs_h, mask_b, mask_h, mask, lengths, active, rows = step_tile(
+        lengths_ptr, step, B, T, H, REVERSE, BLOCK_B, BLOCK_N)  # [BLOCK_B], [BLOCK_N]
     offs = rows[:, None] * H + offs_h[None, :]
     gate_offs = rows[:, None] * (3 * H) + offs_h[None, :]
     dh_t = tl.load(dh_ptr + offs_b[:, None] * H + offs_h[None, :], mask=mask, other=0.0)
@@ -228,18 +206,13 @@ def _gru_bwd_hidden_kernel(
     REVERSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The carried dh <- dh_t z + d_gh W_hh at `step`."""
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
-    offs_h = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    mask_b, mask_h = offs_b < B, offs_h < H
-    mask = mask_b[:, None] & mask_h[None, :]  # [BLOCK_B, BLOCK_N]
-    lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
-    time, active = _step_time(lengths, step, REVERSE)
-    rows = offs_b.to(tl.int64) * T + time  # [BLOCK_B]
+    offs_b, offs_h, mask_b, mask_h, mask, lengths, active, rows = step_tile(
+        lengths_ptr, step, B, T, H, REVERSE, BLOCK_B, BLOCK_N)  # [BLOCK_B], [BLOCK_N]
     state = offs_b[:, None] * H + offs_h[None, :]
     dh = tl.load(dh_ptr + state, mask=mask, other=0.0)  # [BLOCK_B, BLOCK_N] fp32
     dh_t = dh + tl.load(grad_y_ptr + rows[:, None] * H + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
     z = tl.load(gates_ptr + rows[:, None] * (3 * H) + H + offs_h[None, :], mask=mask, other=0.0)
-    dh_prev = _mm(dh_t * z, d_gh_ptr + rows * (3 * H), 1, mask_b, w_hh_ptr + offs_h, H, mask_h, 3 * H, BLOCK_K)
+    dh_prev = mm(dh_t * z, d_gh_ptr + rows * (3 * H), 1, mask_b, w_hh_ptr + offs_h, H, mask_h, 3 * H, BLOCK_K)
     tl.store(dh_ptr + state, tl.where(active[:, None], dh_prev, dh), mask=mask)
 
 
@@ -247,15 +220,14 @@ def _gru_bwd_hidden_kernel(
 # Host launchers.
 
 
-def choose_path(hidden: int) -> str:
-    """'persistent' when W_hh (3H, H) fits on chip, else 'alternating'."""
-    if FORCE_PATH is not None:
-        return FORCE_PATH
-    return "persistent" if padded(hidden) <= PERSISTENT_MAX else "alternating"
+def choose_path(hidden: int, path: Optional[str] = None) -> str:
+    """`path`, or 'persistent' where W_hh (3H, H) fits on chip, else 'alternating'."""
+    return path_for(padded(hidden) <= PERSISTENT_MAX, path)
 
 
-def gru_fwd(gx, h0, w_hh, b_hh, lengths, reverse, training):
-    """Without `training` the kernels store no workspace: gates and ghn come back empty."""
+def gru_layer_fwd(gx, h0, w_hh, b_hh, lengths, reverse, training, *, path=None):
+    """Without `training` the kernels store no workspace: gates and ghn come back empty.
+    `path` ("persistent" or "alternating") overrides :func:`choose_path`."""
     B, T, G = gx.shape
     H = G // 3
     gx, h0, w_hh = (t.contiguous() for t in (gx, h0, w_hh))
@@ -264,7 +236,7 @@ def gru_fwd(gx, h0, w_hh, b_hh, lengths, reverse, training):
     y = gx.new_empty((B, T, H))
     gates = gx.new_empty((B, T, G) if training else (0,), dtype=torch.float32)
     ghn = gx.new_empty((B, T, H) if training else (0,), dtype=torch.float32)
-    if choose_path(H) == "persistent":
+    if choose_path(H, path) == "persistent":
         h_n = torch.empty_like(h0)
         _gru_fwd_persistent_kernel[(triton.cdiv(B, BLOCK_B_PERSISTENT),)](
             gx, h0, w_hh, b_hh, lengths, y, h_n, gates, ghn, B, T, H,
@@ -283,14 +255,15 @@ def gru_fwd(gx, h0, w_hh, b_hh, lengths, reverse, training):
     return y, h[T % 2], gates, ghn
 
 
-def gru_bwd(w_hh, gates, ghn, h_prev, grad_y, grad_h_n, lengths, reverse):
+def gru_layer_bwd(w_hh, gates, ghn, h_prev, grad_y, grad_h_n, lengths, reverse, *, path=None):
+    """`path` as for :func:`gru_layer_fwd`."""
     B, T, G = gates.shape
     H = G // 3
     w_hh, gates, ghn, h_prev, grad_y = (t.contiguous() for t in (w_hh, gates, ghn, h_prev, grad_y))
     lengths = full_lengths(B, T, gates.device) if lengths is None else lengths.contiguous()
     d_gx, d_gh = torch.empty_like(gates), torch.empty_like(gates)
     dh = grad_h_n.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # dL/dh_T in, dL/dh_0 out
-    if choose_path(H) == "persistent":
+    if choose_path(H, path) == "persistent":
         _gru_bwd_persistent_kernel[(triton.cdiv(B, BLOCK_B_PERSISTENT),)](
             w_hh, gates, ghn, h_prev, grad_y, dh, lengths, d_gx, d_gh, dh, B, T, H,
             REVERSE=reverse, BLOCK_B=BLOCK_B_PERSISTENT, BLOCK_H=padded(H),

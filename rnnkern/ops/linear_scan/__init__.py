@@ -6,15 +6,12 @@ from torch import Tensor
 
 from rnnkern import _backends
 from rnnkern.ops import _checks
-from rnnkern.ops.linear_scan import reference
-from rnnkern.ops.linear_scan.reference import state_dtype
+from rnnkern.ops._common import state_dtype
 
 __all__ = ["linear_scan"]
 
 
-def _kernels(backend: str):
-    """(forward, backward) of `backend`, with reference.py's signatures."""
-    return _backends.kernels("linear_scan", backend, reference)
+LINEAR_SCAN = _backends.sequence_op("linear_scan", __name__)
 
 
 # ---------------------------------------------------------------------------------------
@@ -30,7 +27,7 @@ def _linear_scan_op(
     reverse: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    forward, _ = _kernels(backend)
+    forward = LINEAR_SCAN.function(backend, "linear_scan_fwd")
     return forward(a, b, initial_state, cu_seqlens, reverse)
 
 
@@ -41,8 +38,8 @@ def _(a, b, initial_state, cu_seqlens, reverse, backend):
     return a.new_empty(a.shape), final_state
 
 
-@torch.library.custom_op("rnnkern::linear_scan_backward", mutates_args=())
-def _linear_scan_backward_op(
+@torch.library.custom_op("rnnkern::linear_scan_bwd", mutates_args=())
+def _linear_scan_bwd_op(
     a: Tensor,
     h: Tensor,
     initial_state: Optional[Tensor],
@@ -52,11 +49,11 @@ def _linear_scan_backward_op(
     reverse: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _, backward = _kernels(backend)
+    backward = LINEAR_SCAN.function(backend, "linear_scan_bwd")
     return backward(a, h, initial_state, grad_h, grad_final, cu_seqlens, reverse)
 
 
-@_linear_scan_backward_op.register_fake
+@_linear_scan_bwd_op.register_fake
 def _(a, h, initial_state, grad_h, grad_final, cu_seqlens, reverse, backend):
     num_sequences = a.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     grad_initial = a.new_empty((num_sequences, a.shape[2]), dtype=state_dtype(a.dtype))
@@ -74,7 +71,7 @@ def _backward(ctx, grad_h, grad_final):
     a, h, initial_state, cu_seqlens = ctx.saved_tensors
     if grad_h is None:
         grad_h = torch.zeros_like(h)
-    grad_a, grad_b, grad_initial = _linear_scan_backward_op(
+    grad_a, grad_b, grad_initial = _linear_scan_bwd_op(
         a, h, initial_state, grad_h, grad_final, cu_seqlens, ctx.reverse, ctx.backend
     )
     return grad_a, grad_b, (grad_initial if initial_state is not None else None), None, None, None
@@ -87,7 +84,6 @@ _linear_scan_op.register_autograd(_backward, setup_context=_setup_context)
 # Public function.
 
 
-_supports = _backends.kernel_support("linear_scan_fwd")
 
 
 def linear_scan(
@@ -133,7 +129,7 @@ def linear_scan(
         >>> h2 = rnnkern.linear_scan(a, b, initial_state=last)  # continue the sequences
     """
     _validate(a, b, initial_state, reverse, cu_seqlens)
-    name = _backends.select("linear_scan", a.device, a.dtype, _supports, backend)
+    name = _backends.select(LINEAR_SCAN, a.device, a.dtype, backend)
     if initial_state is not None:
         initial_state = initial_state.to(state_dtype(a.dtype)).contiguous()
     h, final_state = _linear_scan_op(a, b, initial_state, cu_seqlens, reverse, name)

@@ -5,7 +5,7 @@
                da_t = g_t * h_{t-1},   db_t = g_t,   d(initial_state) = a_0 * g_0
 
 With ``reverse=True`` time runs from T-1 down to 0 ("t-1" becomes "t+1"). State is kept in
-:func:`state_dtype`; outputs are in the input dtype. Every backend implements these two
+:func:`rnnkern.ops._common.state_dtype`; outputs are in the input dtype. Every backend implements these two
 functions with the same arguments and results.
 """
 from typing import Optional
@@ -13,10 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the carried state: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64."""
-    return torch.promote_types(dtype, torch.float32)
+from rnnkern.ops._common import state_dtype
 
 
 def linear_scan_fwd(

@@ -31,6 +31,25 @@ def _sequence(cu_seqlens_ptr, i_n, T, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _channel_tile(cu_seqlens_ptr, T, D, IS_VARLEN: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's sequence (index, batch row, first time index, length; program axis 0) and
+    its channels offs_d [BLOCK_D] of D (axis 1) with their mask."""
+    i_n = tl.program_id(0)
+    batch, bos, length = _sequence(cu_seqlens_ptr, i_n, T, IS_VARLEN)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    return i_n, batch, bos, length, offs_d, offs_d < D
+
+
+@triton.jit
+def _load_or_zeros(ptr, offs, mask, HAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """An optional (BLOCK_D,) state in fp32: loaded where the tensor exists, else zeros."""
+    if HAS:
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros([BLOCK_D], dtype=tl.float32)
+
+
+@triton.jit
 def _time_of_step(step, length, REVERSE: tl.constexpr):
     if REVERSE:
         return (length - 1 - step).to(tl.int64)
@@ -52,15 +71,8 @@ def _linear_scan_fwd_kernel(
     HAS_INITIAL: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_d = tl.program_id(1)
-    batch, bos, length = _sequence(cu_seqlens_ptr, i_n, T, IS_VARLEN)
-    offs_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    mask_d = offs_d < D
-    if HAS_INITIAL:
-        state = tl.load(h0_ptr + i_n * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BLOCK_D], dtype=tl.float32)
+    i_n, batch, bos, length, offs_d, mask_d = _channel_tile(cu_seqlens_ptr, T, D, IS_VARLEN, BLOCK_D)
+    state = _load_or_zeros(h0_ptr, i_n * D + offs_d, mask_d, HAS_INITIAL, BLOCK_D)  # [BLOCK_D]
     rows = tl.arange(0, BLOCK_T)
     for start in range(0, length, BLOCK_T):
         step = start + rows  # [BLOCK_T] steps in the order they are taken
@@ -88,19 +100,9 @@ def _linear_scan_bwd_kernel(
     HAS_INITIAL: tl.constexpr, HAS_FINAL_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr,
     REVERSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_d = tl.program_id(1)
-    batch, bos, length = _sequence(cu_seqlens_ptr, i_n, T, IS_VARLEN)
-    offs_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    mask_d = offs_d < D
-    if HAS_FINAL_GRAD:
-        g = tl.load(dht_ptr + i_n * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        g = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_INITIAL:
-        h0 = tl.load(h0_ptr + i_n * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        h0 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    i_n, batch, bos, length, offs_d, mask_d = _channel_tile(cu_seqlens_ptr, T, D, IS_VARLEN, BLOCK_D)
+    g = _load_or_zeros(dht_ptr, i_n * D + offs_d, mask_d, HAS_FINAL_GRAD, BLOCK_D)  # [BLOCK_D]
+    h0 = _load_or_zeros(h0_ptr, i_n * D + offs_d, mask_d, HAS_INITIAL, BLOCK_D)
     a_base = a_ptr + batch * stride_a_b + offs_d[None, :] * stride_a_d
     rows = tl.arange(0, BLOCK_T)
     for start in range(0, length, BLOCK_T):

@@ -6,36 +6,32 @@ from torch import Tensor
 
 from rnnkern import _backends
 from rnnkern.ops import _checks
+from rnnkern.ops._common import state_dtype, weight_grad, zeros_if_none
 from rnnkern.ops._projection import input_projection
 from rnnkern.ops._sequences import previous_states, takes_step_kernel
-from rnnkern.ops.lstm import reference
-from rnnkern.ops.lstm.reference import state_dtype
 
 __all__ = ["lstm_layer", "lstm_cell"]
 
 
-def _kernels(backend: str):
-    """(forward, backward) of `backend`, with reference.py's signatures."""
-    return _backends.kernels("lstm", backend, reference)
-
-
-_supports = _backends.kernel_support("lstm_fwd")
+LSTM_LAYER = _backends.sequence_op("lstm_layer", __name__)
+# The one-token kernel lstm_layer takes for T = 1 without autograd (see _sequences.takes_step_kernel).
+LSTM_STEP = _backends.step_op("lstm_step")
 
 
 # ---------------------------------------------------------------------------------------
 # torch.library ops over the recurrence; the input projection stays outside (one GEMM).
 
 
-@torch.library.custom_op("rnnkern::lstm_recurrence", mutates_args=())
-def _lstm_op(
+@torch.library.custom_op("rnnkern::lstm_layer", mutates_args=())
+def _lstm_layer_op(
     gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], lengths: Optional[Tensor],
     reverse: bool, training: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    forward, _ = _kernels(backend)
+    forward = LSTM_LAYER.function(backend, "lstm_layer_fwd")
     return forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, training)
 
 
-@_lstm_op.register_fake
+@_lstm_layer_op.register_fake
 def _(gx, h0, c0, w_hh, w_hr, lengths, reverse, training, backend):
     batch, steps, _ = gx.shape
     hidden, acc = c0.shape[1], state_dtype(gx.dtype)
@@ -44,16 +40,16 @@ def _(gx, h0, c0, w_hh, w_hr, lengths, reverse, training, backend):
             gx.new_empty(workspace[0], dtype=acc), gx.new_empty(workspace[1], dtype=acc))
 
 
-@torch.library.custom_op("rnnkern::lstm_recurrence_backward", mutates_args=())
-def _lstm_backward_op(
+@torch.library.custom_op("rnnkern::lstm_layer_bwd", mutates_args=())
+def _lstm_layer_bwd_op(
     w_hh: Tensor, w_hr: Optional[Tensor], c0: Tensor, gates: Tensor, cells: Tensor, grad_y: Tensor,
     grad_h_n: Tensor, grad_c_n: Tensor, lengths: Optional[Tensor], reverse: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _, backward = _kernels(backend)
+    backward = LSTM_LAYER.function(backend, "lstm_layer_bwd")
     return backward(w_hh, w_hr, c0, gates, cells, grad_y, grad_h_n, grad_c_n, lengths, reverse)
 
 
-@_lstm_backward_op.register_fake
+@_lstm_layer_bwd_op.register_fake
 def _(w_hh, w_hr, c0, gates, cells, grad_y, grad_h_n, grad_c_n, lengths, reverse, backend):
     return gates.new_empty(gates.shape), gates.new_empty(grad_y.shape), gates.new_empty(grad_h_n.shape), \
         gates.new_empty(c0.shape)
@@ -72,30 +68,20 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     h0, c0, w_hh, w_hr, lengths, y, gates, cells = ctx.saved_tensors
     if not ctx.training:
         raise RuntimeError("lstm_layer ran with training=False; it kept nothing to differentiate")
-    d_gates, d_h, d_h0, d_c0 = _lstm_backward_op(
-        w_hh, w_hr, c0, gates, cells, _zeros_if_none(grad_y, y), _zeros_if_none(grad_h_n, h0),
-        _zeros_if_none(grad_c_n, c0), lengths, ctx.reverse, ctx.backend,
+    d_gates, d_h, d_h0, d_c0 = _lstm_layer_bwd_op(
+        w_hh, w_hr, c0, gates, cells, zeros_if_none(grad_y, y), zeros_if_none(grad_h_n, h0),
+        zeros_if_none(grad_c_n, c0), lengths, ctx.reverse, ctx.backend,
     )
     h_prev = previous_states(y, h0, lengths, ctx.reverse)  # (B, T, P)
-    d_w_hh = _weight_grad(d_gates, h_prev, w_hh)
+    d_w_hh = weight_grad(d_gates, h_prev, w_hh)
     d_w_hr = None
     if w_hr is not None:
         m = (gates.chunk(4, dim=2)[3] * cells.tanh()).to(y.dtype)  # (B, T, H) as the GEMM saw it
-        d_w_hr = _weight_grad(d_h, m, w_hr)
+        d_w_hr = weight_grad(d_h, m, w_hr)
     return d_gates.to(y.dtype), d_h0.to(h0.dtype), d_c0.to(c0.dtype), d_w_hh, d_w_hr, None, None, None, None
 
 
-def _zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else grad
-
-
-def _weight_grad(d_out: Tensor, inputs: Tensor, weight: Tensor) -> Tensor:
-    """sum over (b, t) of d_out[b, t]^T inputs[b, t]: one GEMM over all steps."""
-    d_out = d_out.flatten(0, 1)
-    return (d_out.T @ inputs.flatten(0, 1).to(d_out.dtype)).to(weight.dtype)
-
-
-_lstm_op.register_autograd(_backward, setup_context=_setup_context)
+_lstm_layer_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,13 +132,14 @@ def lstm_layer(
         ...                                lstm.bias_ih_l0, lstm.bias_hh_l0)
     """
     h0, c0, lengths = _validate(x, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
-    name = _backends.select("lstm_layer", x.device, x.dtype, _supports, backend)
+    name = _backends.select(LSTM_LAYER, x.device, x.dtype, backend)
     training = _checks.keeps_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
-    if w_hr is None and takes_step_kernel(name, x, lengths, training):
-        y, h_n, c_n = torch.ops.rnnkern_C.lstm_step(x, h0, c0, w_ih, w_hh, b_ih, b_hh)  # (B, 1, H), (B, H)
+    if w_hr is None and takes_step_kernel(LSTM_STEP, name, x, lengths, training):
+        step = LSTM_STEP.function(name, "lstm_step")
+        y, h_n, c_n = step(x, h0, c0, w_ih, w_hh, b_ih, b_hh)  # (B, 1, H), (B, H)
         return y, (h_n, c_n)
     gx = input_projection(x, w_ih, _combined_bias(b_ih, b_hh), name)  # (B, T, 4H)
-    y, h_n, c_n, _, _ = _lstm_op(gx, h0, c0, w_hh, w_hr, lengths, reverse, training, name)
+    y, h_n, c_n, _, _ = _lstm_layer_op(gx, h0, c0, w_hh, w_hr, lengths, reverse, training, name)
     return y, (h_n, c_n)
 
 

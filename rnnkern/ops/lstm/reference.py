@@ -23,14 +23,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from rnnkern.ops._sequences import flip_valid, full_lengths
+from rnnkern.ops._common import state_dtype
+from rnnkern.ops._sequences import flip_valid, full_lengths, stack_steps
 
 
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-def lstm_fwd(
+def lstm_layer_fwd(
     gx: Tensor,  # (B, T, 4H) input projection, biases included
     h0: Tensor,  # (B, P)
     c0: Tensor,  # (B, H)
@@ -62,13 +59,7 @@ def lstm_fwd(
         ys.append(torch.where(active, h_new, 0))
         gates.append(torch.where(active, torch.cat([i, f, g, o], dim=1), 0))
         cells.append(torch.where(active, c_new, 0))
-    y, gates, cells = (torch.stack(x, dim=1) for x in (ys, gates, cells))
-    if not training:
-        gates, cells = gates.new_empty(0), cells.new_empty(0)
-    elif reverse:
-        gates, cells = flip_valid(gates, lengths), flip_valid(cells, lengths)
-    if reverse:
-        y = flip_valid(y, lengths)
+    y, gates, cells = stack_steps(ys, (gates, cells), lengths, reverse, training)
     return y, h, c.to(gx.dtype), gates, cells
 
 
@@ -80,7 +71,7 @@ def _output(m: Tensor, w_hr: Optional[Tensor], dtype: torch.dtype) -> Tensor:
     return (m.to(dtype).to(m.dtype) @ w_hr.to(m.dtype).T).to(dtype)
 
 
-def lstm_bwd(
+def lstm_layer_bwd(
     w_hh: Tensor,  # (4H, P)
     w_hr: Optional[Tensor],  # (P, H)
     c0: Tensor,  # (B, H)

@@ -19,7 +19,6 @@ fp32 (no TF32), as the reference does. The rows of sequence b at step s sit at t
 lengths[b]-1-s when reversed; past the end of a sequence a step stays at time s, writes
 zeros and leaves the state alone, so every time index of every output is written once.
 """
-import os
 from typing import Optional
 
 import torch
@@ -27,84 +26,10 @@ import triton
 import triton.language as tl
 
 from rnnkern.ops._sequences import full_lengths
-
-PERSISTENT_MAX = 64  # largest padded hidden/projection size of the persistent path
-FORCE_PATH: Optional[str] = None  # "persistent" or "alternating" overrides choose_path (tests)
-BLOCK_B_PERSISTENT = 16  # sequences per program; tl.dot needs at least 16 rows
-BLOCK_N = 32  # output columns per program of the alternating kernels
-BLOCK_K = 32  # reduction chunk of the alternating kernels
-
-# Triton's interpreter multiplies bf16 blocks as raw 16-bit integers and truncates fp32 to
-# bf16; under it, _dot widens bf16 operands to fp32 (the products are exact either way) and
-# _to rounds to nearest even by hand, so interpreted results match the compiled ones.
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-
-
-# ---------------------------------------------------------------------------------------
-# Helpers shared with the GRU kernels.
-
-
-@triton.jit
-def _dot(a, b, acc):
-    """acc + a @ b, accumulated in fp32; fp32 operands multiply in full fp32 (no TF32)."""
-    if _INTERPRETED and a.dtype == tl.bfloat16:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision="ieee")
-
-
-@triton.jit
-def _to(x, dtype: tl.constexpr):
-    """fp32 x rounded to nearest even in `dtype`."""
-    if _INTERPRETED and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
-def _mm(acc, a_rows, stride_ak, mask_m, w_cols, stride_wk, mask_n, K, BLOCK_K: tl.constexpr):
-    """acc + A @ W: row m of A starts at a_rows[m], column n of W at w_cols[n], and both step
-    by their stride along k < K. W is cast to A's dtype."""
-    offs_k = tl.arange(0, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k  # [BLOCK_K]
-        mask_k = k < K
-        a = tl.load(a_rows[:, None] + k[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_cols[None, :] + k[:, None] * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = _dot(a, w.to(a.dtype), acc)  # [BLOCK_M, BLOCK_N]
-    return acc
-
-
-@triton.jit
-def _tanh(x):
-    """tanh in fp32 from one exp (tl has no tanh that the interpreter runs as well). The
-    clamp keeps exp finite; exp(80) already makes the quotient -1. (A form with tl.abs and
-    tl.where crashes LLVM's SLP vectorizer in triton 3.9 for sm_90.)"""
-    e = tl.exp(tl.minimum(-2.0 * x, 80.0, propagate_nan=tl.PropagateNan.ALL))
-    return (1.0 - e) / (1.0 + e)
-
-
-@triton.jit
-def _step_time(lengths, step, REVERSE: tl.constexpr):
-    """Per sequence: the time index of `step` (int64) and whether the step is inside it."""
-    active = step < lengths  # [BLOCK_B]
-    if REVERSE:
-        time = tl.where(active, lengths - 1 - step, step)
-    else:
-        time = tl.zeros_like(lengths) + step
-    return time, active
-
-
-@triton.jit
-def _emit(h_new, active, state_offs, h_in_ptr, h_out_ptr, y_ptr, y_offs, mask):
-    """Stores y_t (zero past a sequence's end) and the next carried h (kept past the end)."""
-    h_old = tl.load(h_in_ptr + state_offs, mask=mask, other=0.0)  # [BLOCK_B, BLOCK_N]
-    h_new = _to(h_new, h_old.dtype)
-    tl.store(h_out_ptr + state_offs, tl.where(active[:, None], h_new, h_old), mask=mask)
-    tl.store(y_ptr + y_offs, tl.where(active[:, None], h_new, 0.0).to(h_old.dtype), mask=mask)
-
+from rnnkern.ops._triton import (
+    BLOCK_B_PERSISTENT, BLOCK_K, BLOCK_N, PERSISTENT_MAX, alternating_grid, dot, emit, mm, padded, path_for,
+    persistent_tile, step_tile, step_time, tanh, to,
+)
 
 # ---------------------------------------------------------------------------------------
 # LSTM cell math, shared by both paths.
@@ -114,16 +39,16 @@ def _emit(h_new, active, state_offs, h_in_ptr, h_out_ptr, y_ptr, y_offs, mask):
 def _lstm_cell(pre_i, pre_f, pre_g, pre_o, c_prev):
     i = tl.sigmoid(pre_i)
     f = tl.sigmoid(pre_f)
-    g = _tanh(pre_g)
+    g = tanh(pre_g)
     o = tl.sigmoid(pre_o)
     c = f * c_prev + i * g
-    return i, f, g, o, c, o * _tanh(c)
+    return i, f, g, o, c, o * tanh(c)
 
 
 @triton.jit
 def _lstm_cell_grad(i, f, g, o, c, c_prev, dm, dc):
     """Gradients of the pre-activations and dL/dc_t from dL/dm_t and the carried dL/dc."""
-    tanh_c = _tanh(c)
+    tanh_c = tanh(c)
     dc = dc + dm * o * (1.0 - tanh_c * tanh_c)
     d_i = dc * g * i * (1.0 - i)
     d_f = dc * c_prev * f * (1.0 - f)
@@ -168,13 +93,10 @@ def _lstm_fwd_persistent_kernel(
     HAS_PROJ: tl.constexpr, REVERSE: tl.constexpr, KEEP: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
-    offs_h = tl.arange(0, BLOCK_H)
+    offs_b, offs_h, mask_b, mask_h, mask_bh, lengths = persistent_tile(lengths_ptr, B, H, BLOCK_B, BLOCK_H)
     offs_p = tl.arange(0, BLOCK_P)
-    mask_b, mask_h, mask_p = offs_b < B, offs_h < H, offs_p < P
-    mask_bh = mask_b[:, None] & mask_h[None, :]  # [BLOCK_B, BLOCK_H]
+    mask_p = offs_p < P
     mask_bp = mask_b[:, None] & mask_p[None, :]  # [BLOCK_B, BLOCK_P]
-    lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
     # W_hh^T of each gate, [BLOCK_P, BLOCK_H]: element (p, j) is W_hh[q H + j, p]
     w_offs = offs_h[None, :] * P + offs_p[:, None]
     w_mask = mask_p[:, None] & mask_h[None, :]
@@ -190,16 +112,16 @@ def _lstm_fwd_persistent_kernel(
     h = tl.load(h0_ptr + state_h, mask=mask_bp, other=0.0)  # [BLOCK_B, BLOCK_P] input dtype
     c = tl.load(c0_ptr + state_c, mask=mask_bh, other=0.0).to(tl.float32)  # [BLOCK_B, BLOCK_H]
     for step in range(0, T):
-        time, active = _step_time(lengths, step, REVERSE)
+        time, active = step_time(lengths, step, REVERSE)
         rows = offs_b.to(tl.int64) * T + time  # [BLOCK_B] row of the (B, T, ...) tensors
         gx = gx_ptr + rows[:, None] * (4 * H) + offs_h[None, :]
         pre_i, pre_f, pre_g, pre_o = _load_gates(gx, H, mask_bh)
-        i, f, g, o, c_new, m = _lstm_cell(_dot(h, w_i, pre_i), _dot(h, w_f, pre_f), _dot(h, w_g, pre_g),
-                                          _dot(h, w_o, pre_o), c)
+        i, f, g, o, c_new, m = _lstm_cell(dot(h, w_i, pre_i), dot(h, w_f, pre_f), dot(h, w_g, pre_g),
+                                          dot(h, w_o, pre_o), c)
         if HAS_PROJ:
-            h_new = _to(_dot(_to(m, h.dtype), w_r, tl.zeros([BLOCK_B, BLOCK_P], dtype=tl.float32)), h.dtype)
+            h_new = to(dot(to(m, h.dtype), w_r, tl.zeros([BLOCK_B, BLOCK_P], dtype=tl.float32)), h.dtype)
         else:
-            h_new = _to(m, h.dtype)
+            h_new = to(m, h.dtype)
         if KEEP:  # the backward's workspace
             _store_gates(gates_ptr + rows[:, None] * (4 * H) + offs_h[None, :], H, i, f, g, o, active, mask_bh)
             tl.store(cells_ptr + rows[:, None] * H + offs_h[None, :], tl.where(active[:, None], c_new, 0.0),
@@ -209,7 +131,7 @@ def _lstm_fwd_persistent_kernel(
         h = tl.where(active[:, None], h_new, h)
         c = tl.where(active[:, None], c_new, c)
     tl.store(h_n_ptr + state_h, h, mask=mask_bp)
-    tl.store(c_n_ptr + state_c, _to(c, c_n_ptr.dtype.element_ty), mask=mask_bh)
+    tl.store(c_n_ptr + state_c, to(c, c_n_ptr.dtype.element_ty), mask=mask_bh)
 
 
 @triton.jit
@@ -220,20 +142,14 @@ def _lstm_bwd_persistent_kernel(
     HAS_PROJ: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
-    offs_h = tl.arange(0, BLOCK_H)
+    offs_b, offs_h, mask_b, mask_h, mask_bh, lengths = persistent_tile(lengths_ptr, B, H, BLOCK_B, BLOCK_H)
     offs_p = tl.arange(0, BLOCK_P)
-    mask_b, mask_h, mask_p = offs_b < B, offs_h < H, offs_p < P
-    mask_bh = mask_b[:, None] & mask_h[None, :]  # [BLOCK_B, BLOCK_H]
+    mask_p = offs_p < P
     mask_bp = mask_b[:, None] & mask_p[None, :]  # [BLOCK_B, BLOCK_P]
-    lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
     # W_hh of each gate in fp32, [BLOCK_H, BLOCK_P]: element (j, p) is W_hh[q H + j, p]
     w_offs = offs_h[:, None] * P + offs_p[None, :]
     w_mask = mask_h[:, None] & mask_p[None, :]
-    w_i = tl.load(w_hh_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
-    w_f = tl.load(w_hh_ptr + H * P + w_offs, mask=w_mask, other=0.0).to(tl.float32)
-    w_g = tl.load(w_hh_ptr + 2 * H * P + w_offs, mask=w_mask, other=0.0).to(tl.float32)
-    w_o = tl.load(w_hh_ptr + 3 * H * P + w_offs, mask=w_mask, other=0.0).to(tl.float32)
+    w_i, w_f, w_g, w_o = _load_gates(w_hh_ptr + w_offs, H * P, w_mask)
     if HAS_PROJ:  # W_hr in fp32, [BLOCK_P, BLOCK_H]
         w_r = tl.load(w_hr_ptr + offs_p[:, None] * H + offs_h[None, :], mask=mask_p[:, None] & mask_h[None, :],
                       other=0.0).to(tl.float32)
@@ -244,14 +160,14 @@ def _lstm_bwd_persistent_kernel(
     c0 = tl.load(c0_ptr + state_c, mask=mask_bh, other=0.0).to(tl.float32)
     for k in range(0, T):
         step = T - 1 - k
-        time, active = _step_time(lengths, step, REVERSE)
-        time_prev, _ = _step_time(lengths, step - 1, REVERSE)
+        time, active = step_time(lengths, step, REVERSE)
+        time_prev, _ = step_time(lengths, step - 1, REVERSE)
         rows = offs_b.to(tl.int64) * T + time  # [BLOCK_B]
         rows_prev = offs_b.to(tl.int64) * T + time_prev
         y_offs = rows[:, None] * P + offs_p[None, :]
         dh_t = dh + tl.load(grad_y_ptr + y_offs, mask=mask_bp, other=0.0).to(tl.float32)
         if HAS_PROJ:
-            dm = _dot(dh_t, w_r, tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32))
+            dm = dot(dh_t, w_r, tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32))
         else:
             dm = dh_t
         gate_ptrs = rows[:, None] * (4 * H) + offs_h[None, :]
@@ -267,7 +183,7 @@ def _lstm_bwd_persistent_kernel(
         tl.store(d_h_ptr + y_offs, tl.where(keep, dh_t, 0.0), mask=mask_bp)
         # dh <- d_gates W_hh inside a sequence, dh past its end (d_gates are zero there);
         # a tl.where on the product instead crashes LLVM in triton 3.9 for sm_90
-        dh = _dot(d_o, w_o, _dot(d_g, w_g, _dot(d_f, w_f, _dot(d_i, w_i, tl.where(keep, 0.0, dh)))))
+        dh = dot(d_o, w_o, dot(d_g, w_g, dot(d_f, w_f, dot(d_i, w_i, tl.where(keep, 0.0, dh)))))
         dc = tl.where(keep, dc_t * f, dc)
     tl.store(d_h0_ptr + state_h, dh, mask=mask_bp)
     tl.store(d_c0_ptr + state_c, dc, mask=mask_bh)
@@ -284,21 +200,16 @@ def _lstm_fwd_step_kernel(
     HAS_PROJ: tl.constexpr, REVERSE: tl.constexpr, KEEP: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
-    offs_h = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    mask_b, mask_h = offs_b < B, offs_h < H
-    mask = mask_b[:, None] & mask_h[None, :]  # [BLOCK_B, BLOCK_N]
-    lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
-    time, active = _step_time(lengths, step, REVERSE)
-    rows = offs_b.to(tl.int64) * T + time  # [BLOCK_B]
+    offs_b, offs_h, mask_b, mask_h, mask, lengths, active, rows = step_tile(
+        lengths_ptr, step, B, T, H, REVERSE, BLOCK_B, BLOCK_N)  # [BLOCK_B], [BLOCK_N]
     gate_offs = rows[:, None] * (4 * H) + offs_h[None, :]
     pre_i, pre_f, pre_g, pre_o = _load_gates(gx_ptr + gate_offs, H, mask)
     h_rows = h_in_ptr + offs_b * P
     w_cols = w_hh_ptr + offs_h * P  # row j of W_hh's first gate
-    pre_i = _mm(pre_i, h_rows, 1, mask_b, w_cols, 1, mask_h, P, BLOCK_K)
-    pre_f = _mm(pre_f, h_rows, 1, mask_b, w_cols + H * P, 1, mask_h, P, BLOCK_K)
-    pre_g = _mm(pre_g, h_rows, 1, mask_b, w_cols + 2 * H * P, 1, mask_h, P, BLOCK_K)
-    pre_o = _mm(pre_o, h_rows, 1, mask_b, w_cols + 3 * H * P, 1, mask_h, P, BLOCK_K)
+    pre_i = mm(pre_i, h_rows, 1, mask_b, w_cols, 1, mask_h, P, BLOCK_K)
+    pre_f = mm(pre_f, h_rows, 1, mask_b, w_cols + H * P, 1, mask_h, P, BLOCK_K)
+    pre_g = mm(pre_g, h_rows, 1, mask_b, w_cols + 2 * H * P, 1, mask_h, P, BLOCK_K)
+    pre_o = mm(pre_o, h_rows, 1, mask_b, w_cols + 3 * H * P, 1, mask_h, P, BLOCK_K)
     state_c = offs_b[:, None] * H + offs_h[None, :]
     c_prev = tl.load(c_ptr + state_c, mask=mask, other=0.0)  # [BLOCK_B, BLOCK_N] fp32
     i, f, g, o, c, m = _lstm_cell(pre_i, pre_f, pre_g, pre_o, c_prev)
@@ -307,9 +218,9 @@ def _lstm_fwd_step_kernel(
         _store_gates(gates_ptr + gate_offs, H, i, f, g, o, active, mask)
         tl.store(cells_ptr + rows[:, None] * H + offs_h[None, :], tl.where(active[:, None], c, 0.0), mask=mask)
     if HAS_PROJ:  # h_t comes from _lstm_proj_step_kernel
-        tl.store(m_ptr + state_c, _to(m, m_ptr.dtype.element_ty), mask=mask)
+        tl.store(m_ptr + state_c, to(m, m_ptr.dtype.element_ty), mask=mask)
     else:
-        _emit(m, active, state_c, h_in_ptr, h_out_ptr, y_ptr, rows[:, None] * H + offs_h[None, :], mask)
+        emit(m, active, state_c, h_in_ptr, h_out_ptr, y_ptr, rows[:, None] * H + offs_h[None, :], mask)
 
 
 @triton.jit(do_not_specialize=["step"])
@@ -318,15 +229,11 @@ def _lstm_proj_step_kernel(
     step, B, T, H, P,
     REVERSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
-    offs_p = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    mask_b, mask_p = offs_b < B, offs_p < P
-    lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
-    time, active = _step_time(lengths, step, REVERSE)
-    rows = offs_b.to(tl.int64) * T + time  # [BLOCK_B]
-    h = _mm(tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32), m_ptr + offs_b * H, 1, mask_b,
+    offs_b, offs_p, mask_b, mask_p, _, lengths, active, rows = step_tile(
+        lengths_ptr, step, B, T, P, REVERSE, BLOCK_B, BLOCK_N)  # [BLOCK_B], [BLOCK_N]
+    h = mm(tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32), m_ptr + offs_b * H, 1, mask_b,
             w_hr_ptr + offs_p * H, 1, mask_p, H, BLOCK_K)  # [BLOCK_B, BLOCK_N]
-    _emit(h, active, offs_b[:, None] * P + offs_p[None, :], h_in_ptr, h_out_ptr, y_ptr,
+    emit(h, active, offs_b[:, None] * P + offs_p[None, :], h_in_ptr, h_out_ptr, y_ptr,
           rows[:, None] * P + offs_p[None, :], mask_b[:, None] & mask_p[None, :])
 
 
@@ -338,18 +245,13 @@ def _lstm_bwd_step_kernel(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """d_gates at `step` and the carried dL/dc; dh is still the one from the step after."""
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
-    offs_h = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    mask_b, mask_h = offs_b < B, offs_h < H
-    mask = mask_b[:, None] & mask_h[None, :]  # [BLOCK_B, BLOCK_N]
-    lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
-    time, active = _step_time(lengths, step, REVERSE)
-    time_prev, _ = _step_time(lengths, step - 1, REVERSE)
-    rows = offs_b.to(tl.int64) * T + time  # [BLOCK_B]
+    offs_b, offs_h, mask_b, mask_h, mask, lengths, active, rows = step_tile(
+        lengths_ptr, step, B, T, H, REVERSE, BLOCK_B, BLOCK_N)  # [BLOCK_B], [BLOCK_N]
+    time_prev, _ = step_time(lengths, step - 1, REVERSE)
     if HAS_PROJ:  # dm = (dh + grad_y_t) W_hr
-        dm = _mm(tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32), dh_ptr + offs_b * P, 1, mask_b,
+        dm = mm(tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32), dh_ptr + offs_b * P, 1, mask_b,
                  w_hr_ptr + offs_h, H, mask_h, P, BLOCK_K)
-        dm = _mm(dm, grad_y_ptr + rows * P, 1, mask_b, w_hr_ptr + offs_h, H, mask_h, P, BLOCK_K)
+        dm = mm(dm, grad_y_ptr + rows * P, 1, mask_b, w_hr_ptr + offs_h, H, mask_h, P, BLOCK_K)
     else:
         dm = tl.load(dh_ptr + offs_b[:, None] * P + offs_h[None, :], mask=mask, other=0.0)
         dm += tl.load(grad_y_ptr + rows[:, None] * P + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -375,19 +277,14 @@ def _lstm_bwd_hidden_kernel(
     REVERSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dL/dh_t at `step` for the output, and the carried dh <- d_gates W_hh."""
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
-    offs_p = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    mask_b, mask_p = offs_b < B, offs_p < P
-    mask = mask_b[:, None] & mask_p[None, :]  # [BLOCK_B, BLOCK_N]
-    lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
-    time, active = _step_time(lengths, step, REVERSE)
-    rows = offs_b.to(tl.int64) * T + time  # [BLOCK_B]
+    offs_b, offs_p, mask_b, mask_p, mask, lengths, active, rows = step_tile(
+        lengths_ptr, step, B, T, P, REVERSE, BLOCK_B, BLOCK_N)  # [BLOCK_B], [BLOCK_N]
     state_h = offs_b[:, None] * P + offs_p[None, :]
     y_offs = rows[:, None] * P + offs_p[None, :]
     dh = tl.load(dh_ptr + state_h, mask=mask, other=0.0)  # [BLOCK_B, BLOCK_N] fp32
     dh_t = dh + tl.load(grad_y_ptr + y_offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(d_h_ptr + y_offs, tl.where(active[:, None], dh_t, 0.0), mask=mask)
-    dh_prev = _mm(tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32), d_gates_ptr + rows * (4 * H), 1, mask_b,
+    dh_prev = mm(tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32), d_gates_ptr + rows * (4 * H), 1, mask_b,
                   w_hh_ptr + offs_p, P, mask_p, 4 * H, BLOCK_K)
     tl.store(dh_ptr + state_h, tl.where(active[:, None], dh_prev, dh), mask=mask)
 
@@ -396,26 +293,14 @@ def _lstm_bwd_hidden_kernel(
 # Host launchers.
 
 
-def padded(size: int) -> int:
-    """A hidden size as a tl.dot dimension: a power of two, at least 16."""
-    return max(16, triton.next_power_of_2(size))
+def choose_path(hidden: int, proj: int, path: Optional[str] = None) -> str:
+    """`path`, or 'persistent' where W_hh (4H, P) and W_hr (P, H) fit on chip, else 'alternating'."""
+    return path_for(max(padded(hidden), padded(proj)) <= PERSISTENT_MAX, path)
 
 
-def choose_path(hidden: int, proj: int) -> str:
-    """'persistent' when W_hh (4H, P) and W_hr (P, H) fit on chip, else 'alternating'."""
-    if FORCE_PATH is not None:
-        return FORCE_PATH
-    return "persistent" if max(padded(hidden), padded(proj)) <= PERSISTENT_MAX else "alternating"
-
-
-def alternating_grid(batch: int, columns: int) -> tuple[tuple[int, int], int]:
-    """Grid and sequence tile of an alternating kernel over (batch, columns)."""
-    block_b = min(32, padded(batch))
-    return (triton.cdiv(batch, block_b), triton.cdiv(columns, BLOCK_N)), block_b
-
-
-def lstm_fwd(gx, h0, c0, w_hh, w_hr, lengths, reverse, training):
-    """Without `training` the kernels store no workspace: gates and cells come back empty."""
+def lstm_layer_fwd(gx, h0, c0, w_hh, w_hr, lengths, reverse, training, *, path=None):
+    """Without `training` the kernels store no workspace: gates and cells come back empty.
+    `path` ("persistent" or "alternating") overrides :func:`choose_path`."""
     B, T, G = gx.shape
     H, P = G // 4, h0.shape[1]
     gx, h0, c0, w_hh = (t.contiguous() for t in (gx, h0, c0, w_hh))
@@ -424,7 +309,7 @@ def lstm_fwd(gx, h0, c0, w_hh, w_hr, lengths, reverse, training):
     y = gx.new_empty((B, T, P))
     gates = gx.new_empty((B, T, G) if training else (0,), dtype=torch.float32)
     cells = gx.new_empty((B, T, H) if training else (0,), dtype=torch.float32)
-    if choose_path(H, P) == "persistent":
+    if choose_path(H, P, path) == "persistent":
         h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
         _lstm_fwd_persistent_kernel[(triton.cdiv(B, BLOCK_B_PERSISTENT),)](
             gx, h0, c0, w_hh, w_hr, lengths, y, h_n, c_n, gates, cells, B, T, H, P,
@@ -458,7 +343,8 @@ def _lstm_fwd_alternating(gx, h0, c0, w_hh, w_hr, lengths, reverse, y, gates, ce
     return h[T % 2], c
 
 
-def lstm_bwd(w_hh, w_hr, c0, gates, cells, grad_y, grad_h_n, grad_c_n, lengths, reverse):
+def lstm_layer_bwd(w_hh, w_hr, c0, gates, cells, grad_y, grad_h_n, grad_c_n, lengths, reverse, *, path=None):
+    """`path` as for :func:`lstm_layer_fwd`."""
     B, T, G = gates.shape
     H, P = G // 4, grad_y.shape[2]
     w_hh, c0, gates, cells, grad_y = (t.contiguous() for t in (w_hh, c0, gates, cells, grad_y))
@@ -469,7 +355,7 @@ def lstm_bwd(w_hh, w_hr, c0, gates, cells, grad_y, grad_h_n, grad_c_n, lengths, 
     # the carried gradients, updated in place: dL/dh_T, dL/dc_T in, dL/dh_0, dL/dc_0 out
     dh = grad_h_n.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     dc = grad_c_n.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    if choose_path(H, P) == "persistent":
+    if choose_path(H, P, path) == "persistent":
         _lstm_bwd_persistent_kernel[(triton.cdiv(B, BLOCK_B_PERSISTENT),)](
             w_hh, w_hr, c0, gates, cells, grad_y, dh, dc, lengths, d_gates, d_h, dh, dc, B, T, H, P,
             HAS_PROJ=w_hr is not None, REVERSE=reverse,

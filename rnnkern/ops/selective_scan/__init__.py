@@ -6,18 +6,20 @@ from torch import Tensor
 
 from rnnkern import _backends
 from rnnkern.ops import _checks
-from rnnkern.ops.selective_scan import reference
-from rnnkern.ops.selective_scan.reference import CHUNK, num_chunks, state_dtype
+from rnnkern.ops._common import state_dtype
+from rnnkern.ops.selective_scan.reference import CHUNK, num_chunks
 
 __all__ = ["CHUNK", "selective_scan", "selective_state_update", "state_dtype"]
 
 
-def _kernels(backend: str):
-    """(forward, backward) of `backend`, with reference.py's signatures."""
-    return _backends.kernels("selective_scan", backend, reference)
-
-
-_supports = _backends.kernel_support("selective_scan_fwd")
+SELECTIVE_SCAN = _backends.sequence_op("selective_scan", __name__)
+# One decode step: a C++ kernel on the cpu backend (fp32/fp64); the reference's few torch ops on
+# CUDA tensors (the triton backend has no kernel of its own for it: it runs those same ops).
+SELECTIVE_STATE_UPDATE = _backends.Op(
+    "selective_state_update", functions=("selective_state_update",),
+    kernels={"reference": f"{__name__}.reference", "cpu": _backends.COMPILED, "triton": f"{__name__}.reference"},
+    dtypes={"cpu": _backends.STEP_DTYPES},
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -30,7 +32,7 @@ def _selective_scan_op(
     delta_bias: Optional[Tensor], delta_softplus: bool, initial_state: Optional[Tensor], training: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    forward, _ = _kernels(backend)
+    forward = SELECTIVE_SCAN.function(backend, "selective_scan_fwd")
     return forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, training)
 
 
@@ -43,18 +45,18 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, traini
         u.new_empty(checkpoints, dtype=acc)
 
 
-@torch.library.custom_op("rnnkern::selective_scan_backward", mutates_args=())
-def _selective_scan_backward_op(
+@torch.library.custom_op("rnnkern::selective_scan_bwd", mutates_args=())
+def _selective_scan_bwd_op(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
     delta_bias: Optional[Tensor], delta_softplus: bool, initial_state: Optional[Tensor], checkpoints: Tensor,
     grad_out: Tensor, grad_last_state: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _, backward = _kernels(backend)
+    backward = SELECTIVE_SCAN.function(backend, "selective_scan_bwd")
     return backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, checkpoints, grad_out,
                     grad_last_state)
 
 
-@_selective_scan_backward_op.register_fake
+@_selective_scan_bwd_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, checkpoints, grad_out, grad_last_state,
       backend):
     acc = state_dtype(u.dtype)
@@ -83,7 +85,7 @@ def _backward(ctx, grad_out, grad_last_state, _grad_checkpoints):
         grad_out = torch.zeros_like(u)
     if grad_last_state is None:
         grad_last_state = u.new_zeros((u.shape[0], u.shape[1], A.shape[1]), dtype=state_dtype(u.dtype))
-    grads = _selective_scan_backward_op(
+    grads = _selective_scan_bwd_op(
         u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, initial_state, checkpoints, grad_out,
         grad_last_state, ctx.backend,
     )
@@ -95,26 +97,13 @@ def _backward(ctx, grad_out, grad_last_state, _grad_checkpoints):
 _selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _update_kernel(backend: str, dtype: torch.dtype):
-    """The one-step function of `backend`: the cpu backend's C++ kernel for fp32/fp64, else the
-    reference's torch ops (a decode step has no separate Triton or CUDA kernel)."""
-    if backend == "cpu" and dtype in (torch.float32, torch.float64):
-        return torch.ops.rnnkern_C.selective_state_update
-    return reference.selective_state_update
-
-
-def _update_supports(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    if backend == "cpu":
-        return _backends.compiled_kernel_reason("selective_state_update", device)
-    return None
-
-
 @torch.library.custom_op("rnnkern::selective_state_update", mutates_args=("state",))
 def _selective_state_update_op(
     state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
     z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool, backend: str,
 ) -> Tensor:
-    return _update_kernel(backend, x.dtype)(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    update = SELECTIVE_STATE_UPDATE.function(backend, "selective_state_update")
+    return update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
 @_selective_state_update_op.register_fake
@@ -180,7 +169,7 @@ def selective_scan(
         >>> out2 = rnnkern.selective_scan(u, delta, A, B, C, initial_state=last)  # continue
     """
     _validate_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
-    name = _backends.select("selective_scan", u.device, u.dtype, _supports, backend)
+    name = _backends.select(SELECTIVE_SCAN, u.device, u.dtype, backend)
     acc = state_dtype(u.dtype)
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     training = _checks.keeps_grad(tensors)
@@ -218,8 +207,9 @@ def selective_state_update(
             the new state.
         x, dt: ``(B, D)``; z: ``(B, D)`` or None, all of one dtype and device.
         A: ``(D, N)``; B, C: ``(B, N)`` or grouped ``(B, G, N)``; D, dt_bias: ``(D,)`` or None.
-        backend: as :func:`selective_scan`'s. The cpu backend runs a C++ kernel for fp32/fp64;
-            the others (and cpu for fp16/bf16) run the reference's torch ops.
+        backend: as :func:`selective_scan`'s. The cpu backend runs a C++ kernel for fp32/fp64
+            (fp16/bf16 CPU inputs go to the reference unless cpu is forced, which is then an
+            error); on CUDA tensors the step runs the reference's torch ops.
 
     Returns:
         ``y`` ``(B, D)`` in x's dtype. Calling it for t = 0, 1, ... on the columns of a
@@ -233,7 +223,7 @@ def selective_state_update(
         >>> y = rnnkern.selective_state_update(state, x, dt, -torch.rand(64, 16), B, C, dt_softplus=True)
     """
     _validate_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    name = _backends.select("selective_state_update", x.device, x.dtype, _update_supports, backend)
+    name = _backends.select(SELECTIVE_STATE_UPDATE, x.device, x.dtype, backend)
     acc = state_dtype(x.dtype)
     args = (state, x, dt, A.to(acc), _grouped(B).to(acc), _grouped(C).to(acc), _vector(D, acc), z,
             _vector(dt_bias, acc), dt_softplus)
@@ -241,7 +231,7 @@ def selective_state_update(
         return _selective_state_update_op(*args, name)
     # eagerly the kernel runs directly: the op wrapper (kept for torch.compile) costs more
     # than the step itself
-    return _update_kernel(name, x.dtype)(*args)
+    return SELECTIVE_STATE_UPDATE.function(name, "selective_state_update")(*args)
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ without softplus) and channel d reading group g = d // (Dm / G) of B and C:
                dB_t = h_t delta'_t u_t,   dC_t = gy_t x_t,   du_t = delta'_t sum_n h_t B_t + D gy_t
                d(initial_state) = a_0 h_0
 
-State and every gradient are kept in :func:`state_dtype`. B and C are either "variable"
+State and every gradient are kept in :func:`rnnkern.ops._common.state_dtype`. B and C are either "variable"
 ``(Bt, G, N, L)`` or "fixed" ``(Dm, N)``. Every backend implements these functions with the
 same arguments and results; this one keeps all L states at once, the kernels do not.
 """
@@ -23,12 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rnnkern.ops._common import state_dtype
+
+
 CHUNK = 64  # steps between the state checkpoints the forward saves for the backward
-
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the carried state: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def num_chunks(length: int) -> int:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rnnkern.ops.lstm.triton import _to
+from rnnkern.ops._triton import to
 from rnnkern.ops.selective_scan.reference import CHUNK
 
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # softplus(x) = x above it, as torch.nn.functional.softplus
@@ -80,6 +80,23 @@ def _load_vector(ptr, offs_d, mask_d, default, HAS: tl.constexpr):
 
 
 @triton.jit
+def _channel_params(A_ptr, D_ptr, delta_bias_ptr, B_ptr, C_ptr, i_b, offs_d, offs_n, mask_d, mask, N, L, G_B, G_C,
+                    group_size_b, group_size_c, HAS_D: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
+                    B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr):
+    """What the program's channels offs_d read once: A [BLOCK_D, BLOCK_N] in the state dtype, D and
+    delta_bias [BLOCK_D] (zeros when absent), B and C when fixed, and where each channel's group
+    rows of B and C start when they vary."""
+    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask, other=0.0)  # [BLOCK_D, BLOCK_N]
+    skip = _load_vector(D_ptr, offs_d, mask_d, 0.0, HAS_D)  # [BLOCK_D]
+    bias = _load_vector(delta_bias_ptr, offs_d, mask_d, 0.0, HAS_DELTA_BIAS)
+    B_fixed = _load_fixed(B_ptr, offs_d, offs_n, N, mask, B_VARIABLE)
+    C_fixed = _load_fixed(C_ptr, offs_d, offs_n, N, mask, C_VARIABLE)
+    b_rows = _group_rows(i_b, offs_d, G_B, N, L, group_size_b)
+    c_rows = _group_rows(i_b, offs_d, G_C, N, L, group_size_c)
+    return A, skip, bias, B_fixed, C_fixed, b_rows, c_rows
+
+
+@triton.jit
 def _add_bc_grad(ptr, rows, offs_n, t, L, grad, mask, mask_n, acc, VARIABLE: tl.constexpr,
                  GROUP_ALIGNED: tl.constexpr):
     """Adds one step's [BLOCK_D, BLOCK_N] gradient of B or C: atomically into the (Bt, G, N, L)
@@ -110,13 +127,9 @@ def _selective_scan_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
     mask_d, mask_n = offs_d < Dm, offs_n < N
     mask = mask_d[:, None] & mask_n[None, :]  # [BLOCK_D, BLOCK_N]
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask, other=0.0)  # [BLOCK_D, BLOCK_N]
-    skip = _load_vector(D_ptr, offs_d, mask_d, 0.0, HAS_D)  # [BLOCK_D]
-    bias = _load_vector(delta_bias_ptr, offs_d, mask_d, 0.0, HAS_DELTA_BIAS)
-    B_fixed = _load_fixed(B_ptr, offs_d, offs_n, N, mask, B_VARIABLE)
-    C_fixed = _load_fixed(C_ptr, offs_d, offs_n, N, mask, C_VARIABLE)
-    b_rows = _group_rows(i_b, offs_d, G_B, N, L, group_size_b)
-    c_rows = _group_rows(i_b, offs_d, G_C, N, L, group_size_c)
+    A, skip, bias, B_fixed, C_fixed, b_rows, c_rows = _channel_params(
+        A_ptr, D_ptr, delta_bias_ptr, B_ptr, C_ptr, i_b, offs_d, offs_n, mask_d, mask, N, L, G_B, G_C, group_size_b,
+        group_size_c, HAS_D, HAS_DELTA_BIAS, B_VARIABLE, C_VARIABLE)
     seq = (i_b * Dm + offs_d) * L  # [BLOCK_D] start of each channel's (L,) row of u, delta, z, out
     state_offs = (i_b * Dm + offs_d)[:, None] * N + offs_n[None, :]  # [BLOCK_D, BLOCK_N]
     if HAS_INITIAL:
@@ -137,7 +150,7 @@ def _selective_scan_fwd_kernel(
         if HAS_Z:
             z = tl.load(z_ptr + seq + t, mask=mask_d, other=0.0).to(tl.float32)
             y = y * z * tl.sigmoid(z)
-        tl.store(out_ptr + seq + t, _to(y, out_ptr.dtype.element_ty), mask=mask_d)
+        tl.store(out_ptr + seq + t, to(y, out_ptr.dtype.element_ty), mask=mask_d)
     tl.store(last_ptr + state_offs, x, mask=mask)
 
 
@@ -158,13 +171,9 @@ def _selective_scan_bwd_kernel(
     mask_d, mask_n = offs_d < Dm, offs_n < N
     mask = mask_d[:, None] & mask_n[None, :]  # [BLOCK_D, BLOCK_N]
     param_offs = offs_d[:, None] * N + offs_n[None, :]  # [BLOCK_D, BLOCK_N] into (Dm, N)
-    A = tl.load(A_ptr + param_offs, mask=mask, other=0.0)
-    skip = _load_vector(D_ptr, offs_d, mask_d, 0.0, HAS_D)  # [BLOCK_D]
-    bias = _load_vector(delta_bias_ptr, offs_d, mask_d, 0.0, HAS_DELTA_BIAS)
-    B_fixed = _load_fixed(B_ptr, offs_d, offs_n, N, mask, B_VARIABLE)
-    C_fixed = _load_fixed(C_ptr, offs_d, offs_n, N, mask, C_VARIABLE)
-    b_rows = _group_rows(i_b, offs_d, G_B, N, L, group_size_b)
-    c_rows = _group_rows(i_b, offs_d, G_C, N, L, group_size_c)
+    A, skip, bias, B_fixed, C_fixed, b_rows, c_rows = _channel_params(
+        A_ptr, D_ptr, delta_bias_ptr, B_ptr, C_ptr, i_b, offs_d, offs_n, mask_d, mask, N, L, G_B, G_C, group_size_b,
+        group_size_c, HAS_D, HAS_DELTA_BIAS, B_VARIABLE, C_VARIABLE)
     seq = (i_b * Dm + offs_d) * L  # [BLOCK_D]
     state_offs = (i_b * Dm + offs_d)[:, None] * N + offs_n[None, :]  # [BLOCK_D, BLOCK_N]
     checkpoint_offs = ((i_b * Dm + offs_d) * num_chunks)[:, None] * N + offs_n[None, :]
