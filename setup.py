@@ -1,19 +1,10 @@
-"""Builds rnnkern._C: the CPU kernels always, the CUDA kernels (csrc/cuda/*.cu) when there are
-any and a CUDA toolkit and a CUDA build of torch are both present (RNNKERN_NO_CUDA=1 turns them
-off). Without .cu files the build is a plain C++ extension, linked to no CUDA library."""
+"""Builds rnnkern._C, the CPU kernels (csrc/bindings.cpp and csrc/cpu/*.cpp), as a plain C++
+extension of torch."""
 import glob
-import os
 import sys
 
-import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
-
-def _cuda_sources() -> list[str]:
-    if os.environ.get("RNNKERN_NO_CUDA") == "1" or CUDA_HOME is None or torch.version.cuda is None:
-        return []
-    return sorted(glob.glob("csrc/cuda/*.cu"))
+from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 
 def _extension():
@@ -24,21 +15,7 @@ def _extension():
         # at::parallel_for is an OpenMP pragma in a header: without -fopenmp it runs serially
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
-    cuda_sources = _cuda_sources()
-    if not cuda_sources:
-        return CppExtension(
-            "rnnkern._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
-        )
-    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
-    for cc in ("80", "90"):
-        nvcc_flags += ["-gencode", f"arch=compute_{cc},code=sm_{cc}"]
-    return CUDAExtension(
-        "rnnkern._C",
-        sources + cuda_sources,
-        define_macros=[("RNNKERN_WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        extra_link_args=link_flags,
-    )
+    return CppExtension("rnnkern._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 
 setup(
