@@ -13,7 +13,9 @@
 #include <algorithm>
 
 #include "../ops.h"
-#include "recurrence.h"
+#include "gemm.h"
+#include "tensor_args.h"
+#include "vectorized.h"
 
 namespace rnnkern {
 namespace {
