@@ -66,14 +66,14 @@ struct GruForward {
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
       const acc_t gh_n = p[2 * H + j] + b_hh[2 * H + j];
-      const math::GruGates<acc_t> unit =
-          math::gru_gates(static_cast<acc_t>(x[j]), p[j] + b_hh[j], static_cast<acc_t>(x[H + j]),
-                          p[H + j] + b_hh[H + j], static_cast<acc_t>(x[2 * H + j]), gh_n);
-      gate[j] = unit.r;
-      gate[H + j] = unit.z;
-      gate[2 * H + j] = unit.n;
+      acc_t r, z, n;
+      math::gru_gates(static_cast<acc_t>(x[j]), p[j] + b_hh[j], static_cast<acc_t>(x[H + j]), p[H + j] + b_hh[H + j],
+                      static_cast<acc_t>(x[2 * H + j]), gh_n, r, z, n);
+      gate[j] = r;
+      gate[H + j] = z;
+      gate[2 * H + j] = n;
       ghn_row[j] = gh_n;
-      out[j] = static_cast<scalar_t>(math::gru_state(unit, h_row[j]));
+      out[j] = static_cast<scalar_t>(math::gru_state(z, n, h_row[j]));
       h_row[j] = static_cast<acc_t>(out[j]);
     }
   }
@@ -134,13 +134,12 @@ struct GruBackward {
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
       const acc_t dh_t = (direct[j] + rec[j]) + grad[j];
-      const math::GruGates<acc_t> unit{gate[j], gate[H + j], gate[2 * H + j]};
-      const math::GruGrads<acc_t> d = math::gru_backward(unit, ghn_row[j], h[j], dh_t);
-      out_x[j] = d_row[j] = d.gi_r;
-      out_x[H + j] = d_row[H + j] = d.gi_z;
-      out_x[2 * H + j] = d.gi_n;
-      d_row[2 * H + j] = d.gh_n;
-      direct[j] = d.h;
+      acc_t d_r, d_z, d_n;
+      math::gru_backward(gate[j], gate[H + j], gate[2 * H + j], ghn_row[j], h[j], dh_t, d_r, d_z, d_n,
+                         d_row[2 * H + j], direct[j]);
+      out_x[j] = d_row[j] = d_r;
+      out_x[H + j] = d_row[H + j] = d_z;
+      out_x[2 * H + j] = d_n;
     }
     std::copy(d_row, d_row + kGates * H, d_gh + (b * steps + t) * kGates * H);
   }

@@ -92,10 +92,10 @@ struct LstmForward {
     for (int64_t j = 3 * H; j < 4 * H; ++j) gate[j] = math::lstm_sigmoid_gate(static_cast<acc_t>(x[j]) + p[j]);  // o
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
-      const math::LstmGates<acc_t> unit{gate[j], gate[H + j], gate[2 * H + j], gate[3 * H + j]};
-      const math::LstmState<acc_t> state = math::lstm_state(unit, c_row[j]);
-      cell[j] = c_row[j] = state.c;
-      m_row[j] = static_cast<acc_t>(static_cast<scalar_t>(state.m));
+      acc_t c_new, m_new;
+      math::lstm_state(gate[j], gate[H + j], gate[2 * H + j], gate[3 * H + j], c_row[j], c_new, m_new);
+      cell[j] = c_row[j] = c_new;
+      m_row[j] = static_cast<acc_t>(static_cast<scalar_t>(m_new));
     }
   }
 
@@ -193,13 +193,8 @@ struct LstmBackward {
     acc_t* __restrict dc_row = dc + b * H;
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
-      const math::LstmGates<acc_t> unit{gate[j], gate[H + j], gate[2 * H + j], gate[3 * H + j]};
-      const math::LstmGrads<acc_t> grad = math::lstm_backward(unit, cell[j], c_prev[j], dc_row[j], d_m[j]);
-      d_row[j] = grad.pre.i;
-      d_row[H + j] = grad.pre.f;
-      d_row[2 * H + j] = grad.pre.g;
-      d_row[3 * H + j] = grad.pre.o;
-      dc_row[j] = grad.c;
+      math::lstm_backward(gate[j], gate[H + j], gate[2 * H + j], gate[3 * H + j], cell[j], c_prev[j], dc_row[j],
+                          d_m[j], d_row[j], d_row[H + j], d_row[2 * H + j], d_row[3 * H + j], dc_row[j]);
     }
     std::copy(d_row, d_row + kGates * H, out);
   }

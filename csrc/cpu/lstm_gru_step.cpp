@@ -159,11 +159,13 @@ struct LstmUpdate {
     T* __restrict c_new = c_out + b * H;
 #pragma omp simd
     for (int64_t j = j0; j < j1; ++j) {
-      const math::LstmGates<T> gate =
-          math::lstm_gates(a[j] + p[j], a[H + j] + p[H + j], a[2 * H + j] + p[2 * H + j], a[3 * H + j] + p[3 * H + j]);
-      const math::LstmState<T> state = math::lstm_state(gate, c_row[j]);
-      c_new[j] = state.c;
-      y[j] = h_new[j] = state.m;
+      const T i = math::lstm_sigmoid_gate(a[j] + p[j]);
+      const T f = math::lstm_sigmoid_gate(a[H + j] + p[H + j]);
+      const T g = math::lstm_candidate(a[2 * H + j] + p[2 * H + j]);
+      const T o = math::lstm_sigmoid_gate(a[3 * H + j] + p[3 * H + j]);
+      T m;
+      math::lstm_state(i, f, g, o, c_row[j], c_new[j], m);
+      y[j] = h_new[j] = m;
     }
   }
 };
@@ -175,9 +177,9 @@ struct GruUpdate {
                                      T* __restrict h_new) const {
 #pragma omp simd
     for (int64_t j = j0; j < j1; ++j) {
-      const math::GruGates<T> gate =
-          math::gru_gates(a[j], p[j], a[H + j], p[H + j], a[2 * H + j], p[2 * H + j]);
-      y[j] = h_new[j] = math::gru_state(gate, h[j]);
+      T r, z, n;
+      math::gru_gates(a[j], p[j], a[H + j], p[H + j], a[2 * H + j], p[2 * H + j], r, z, n);
+      y[j] = h_new[j] = math::gru_state(z, n, h[j]);
     }
   }
 };

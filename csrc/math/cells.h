@@ -3,7 +3,9 @@
 // kernel can call them per thread. T is the state type (float, or double for fp64).
 //
 // The expressions are the kernels' exact arithmetic (the same operations in the same
-// order), so every kernel that uses them rounds alike.
+// order), so every kernel that uses them rounds alike. Results come back as scalars or through
+// scalar references, never as structs: `#pragma omp simd` gives every local of its loop body
+// one copy per lane before inlining, and GCC leaves a loop with a struct local scalar.
 #pragma once
 
 #include "activations.h"
@@ -15,19 +17,7 @@ namespace rnnkern::math {
 //   c' = f c + i g,   m = o tanh(c')
 // (m is the output h', or its projection m W_hr^T).
 
-template <typename T>
-struct LstmGates {
-  T i, f, g, o;  // activated
-};
-
-template <typename T>
-struct LstmState {
-  T c;  // c'
-  T m;  // o tanh(c')
-};
-
-// The activations one gate at a time, for loops that take one gate kind per pass: the input,
-// forget and output gates are sigmoids, the candidate g a tanh.
+// The input, forget and output gates are sigmoids of their pre-activations, the candidate g a tanh.
 template <typename T>
 RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE T lstm_sigmoid_gate(T pre) {
   return sigmoid(pre);
@@ -38,33 +28,26 @@ RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE T lstm_candidate(T pre) {
   return tanh(pre);
 }
 
+// c_new = c', m = o tanh(c') from the activated gates and the cell state c.
 template <typename T>
-RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE LstmGates<T> lstm_gates(T pre_i, T pre_f, T pre_g, T pre_o) {
-  return {lstm_sigmoid_gate(pre_i), lstm_sigmoid_gate(pre_f), lstm_candidate(pre_g), lstm_sigmoid_gate(pre_o)};
+RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE void lstm_state(T i, T f, T g, T o, T c, T& c_new, T& m) {
+  c_new = f * c + i * g;
+  m = o * tanh(c_new);
 }
 
+// The step's gradients from its gates, its new cell c', the previous cell c and the gradients
+// dc' (carried from the later step) and dm: d_i .. d_o of the gate pre-activations, and
+// dc = dL/dc, carried to the earlier step.
 template <typename T>
-RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE LstmState<T> lstm_state(const LstmGates<T>& gate, T c) {
-  const T c_new = gate.f * c + gate.i * gate.g;
-  return {c_new, gate.o * tanh(c_new)};
-}
-
-// Gradients of one unit's step, from the step's gates, its new cell c', the previous cell
-// c and the gradients dc' (carried from the later step) and dm.
-template <typename T>
-struct LstmGrads {
-  LstmGates<T> pre;  // d of the gate pre-activations
-  T c;               // dL/dc, carried to the earlier step
-};
-
-template <typename T>
-RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE LstmGrads<T> lstm_backward(const LstmGates<T>& gate, T c_new, T c,
-                                                                     T dc_new, T dm) {
+RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE void lstm_backward(T i, T f, T g, T o, T c_new, T c, T dc_new, T dm,
+                                                            T& d_i, T& d_f, T& d_g, T& d_o, T& dc) {
   const T tanh_c = tanh(c_new);
-  const T dc_t = dc_new + dm * gate.o * (1 - tanh_c * tanh_c);  // all of dL/dc'
-  const LstmGates<T> d_pre{dc_t * gate.g * gate.i * (1 - gate.i), dc_t * c * gate.f * (1 - gate.f),
-                           dc_t * gate.i * (1 - gate.g * gate.g), dm * tanh_c * gate.o * (1 - gate.o)};
-  return {d_pre, dc_t * gate.f};
+  const T dc_t = dc_new + dm * o * (1 - tanh_c * tanh_c);  // all of dL/dc'
+  d_i = dc_t * g * i * (1 - i);
+  d_f = dc_t * c * f * (1 - f);
+  d_g = dc_t * i * (1 - g * g);
+  d_o = dm * tanh_c * o * (1 - o);
+  dc = dc_t * f;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -73,37 +56,29 @@ RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE LstmGrads<T> lstm_backward(const LstmGa
 //   h' = (1 - z) n + z h
 
 template <typename T>
-struct GruGates {
-  T r, z, n;  // activated
-};
-
-template <typename T>
-RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE GruGates<T> gru_gates(T gi_r, T gh_r, T gi_z, T gh_z, T gi_n, T gh_n) {
-  const T r = sigmoid(gi_r + gh_r);
-  const T z = sigmoid(gi_z + gh_z);
-  return {r, z, tanh(gi_n + r * gh_n)};
+RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE void gru_gates(T gi_r, T gh_r, T gi_z, T gh_z, T gi_n, T gh_n, T& r, T& z,
+                                                        T& n) {
+  r = sigmoid(gi_r + gh_r);
+  z = sigmoid(gi_z + gh_z);
+  n = tanh(gi_n + r * gh_n);
 }
 
 template <typename T>
-RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE T gru_state(const GruGates<T>& gate, T h) {
-  return (1 - gate.z) * gate.n + gate.z * h;
+RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE T gru_state(T z, T n, T h) {
+  return (1 - z) * n + z * h;
 }
 
-// Gradients of one unit's step, from the step's gates, its gh_n, the state h it started
-// from and dL/dh'.
+// The step's gradients from its gates, its gh_n, the state h it started from and dL/dh':
+// d_r, d_z, d_n of gi (d gh_r and d gh_z are d_r and d_z), d_gh_n, and dh, the part of dL/dh
+// through h' = ... + z h.
 template <typename T>
-struct GruGrads {
-  T gi_r, gi_z, gi_n;  // d of gi; d gh_r and d gh_z equal d gi_r and d gi_z
-  T gh_n;
-  T h;                 // the part of dL/dh through h' = ... + z h
-};
-
-template <typename T>
-RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE GruGrads<T> gru_backward(const GruGates<T>& gate, T gh_n, T h, T dh_new) {
-  const T d_n = dh_new * (1 - gate.z) * (1 - gate.n * gate.n);
-  const T d_z = dh_new * (h - gate.n) * gate.z * (1 - gate.z);
-  const T d_r = d_n * gh_n * gate.r * (1 - gate.r);
-  return {d_r, d_z, d_n, d_n * gate.r, dh_new * gate.z};
+RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE void gru_backward(T r, T z, T n, T gh_n, T h, T dh_new, T& d_r, T& d_z,
+                                                           T& d_n, T& d_gh_n, T& dh) {
+  d_n = dh_new * (1 - z) * (1 - n * n);
+  d_z = dh_new * (h - n) * z * (1 - z);
+  d_r = d_n * gh_n * r * (1 - r);
+  d_gh_n = d_n * r;
+  dh = dh_new * z;
 }
 
 }  // namespace rnnkern::math
