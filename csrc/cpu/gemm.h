@@ -1,8 +1,12 @@
-// The GEMMs the recurrences run on each thread's rows, and the layouts of their right operands.
+// The GEMMs of the CPU kernels. One entry point, gemm(), multiplies on the calling thread
+// (the recurrences call it from inside their row groups, the projection from inside its row
+// blocks); RightOperand keeps a right operand that a kernel multiplies by many times in the
+// layout its GEMM wants. Which float kernel runs is decided once per process (float_gemm()):
+// the AVX2 panel kernel (panel_gemm.h), oneDNN's small-matrix kernel, or BLAS, which every
+// build has and which RNNKERN_CPU_GEMM=blas forces.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/native/CPUBlas.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -12,11 +16,18 @@
 
 namespace rnnkern::cpu {
 
-// GEMM on row-major operands with leading dimensions: c (m, n) = a (m, k) @ b (k, n). Called
-// from inside a row group, so it runs on the calling thread: oneDNN's small-matrix kernel for
-// float (about twice as fast as a BLAS call at these shapes), BLAS for double.
-// BLAS through at::mm_out on views: b (k, n) has strides (ldb_k, ldb_n), so a transposed
-// operand needs no copy.
+enum class FloatGemm {
+  kPanels,       // the AVX2 panel kernel: AVX2 and FMA but no AVX-512F
+  kSmallMatrix,  // oneDNN's small-matrix kernel (at::native::cpublas::brgemm), where torch has it
+  kBlas,         // BLAS through ATen: the fallback, and what RNNKERN_CPU_GEMM=blas picks
+};
+
+// The float kernel of this process: read once, from RNNKERN_CPU_GEMM ("blas", or unset or
+// "auto" for the fastest this CPU and build have).
+FloatGemm float_gemm();
+
+// BLAS through at::mm_out on views: c (m, n) = a (m, k) @ b (k, n), b with strides
+// (ldb_k, ldb_n), so a transposed operand needs no copy.
 template <typename T>
 void blas_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb_k,
                int64_t ldb_n, T* c, int64_t ldc) {
@@ -28,15 +39,11 @@ void blas_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T
   at::mm_out(c_view, a_view, b_view);
 }
 
-inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-                 float* c, int64_t ldc) {
-#ifdef CPUBLAS_BRGEMM_F32F32F32  // torch versions that export oneDNN's float kernel
-  if (m == 0) return;
-  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, /*add_C=*/false, a, b, c, /*is_vnni=*/false);
-#else
-  blas_gemm(m, n, k, a, lda, b, ldb, 1, c, ldc);
-#endif
-}
+// c (m, n) = a (m, k) @ b (k, n) on row-major operands with leading dimensions, on the calling
+// thread: for float the small-matrix kernel where float_gemm() is kSmallMatrix (about twice as
+// fast as a BLAS call at the recurrences' shapes), else BLAS; BLAS for double.
+void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+          int64_t ldc);
 
 inline void gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb,
                  double* c, int64_t ldc) {
@@ -44,9 +51,9 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, 
 }
 
 // The right operand B (k, n) of a product c = a @ B that a kernel repeats `uses` times, kept in
-// the layout its GEMM wants. Over many uses a copy pays for itself: packed panels for the AVX2
-// kernel where that is the fastest (panel_gemm.h), else B's rows contiguous for the small-matrix
-// GEMM. For a few uses, such as decoding one token, B goes to BLAS as it is, with no copy.
+// the layout its GEMM wants. Over many uses a copy pays for itself: packed panels where the
+// panel kernel runs, else B's rows contiguous for gemm(). For a few uses, such as decoding one
+// token, B goes to BLAS as it is, with no copy.
 constexpr int64_t kCopyMinUses = 4;
 
 template <typename T>
@@ -56,7 +63,7 @@ class RightOperand {
   static RightOperand of(const at::Tensor& b, int64_t uses) {
     if (uses < kCopyMinUses) return {b, Layout::kStrided};
     if constexpr (std::is_same_v<T, float>) {
-      if (panel_gemm_preferred()) return {pack_panels(b), Layout::kPanels, b.size(0), b.size(1)};
+      if (float_gemm() == FloatGemm::kPanels) return {pack_panels(b), Layout::kPanels, b.size(0), b.size(1)};
     }
     return {b.contiguous(), Layout::kRowMajor};
   }
