@@ -9,8 +9,13 @@
 
 #include <algorithm>
 
+#include "../math/cells.h"
 #include "../ops.h"
-#include "recurrence.h"
+#include "gemm.h"
+#include "row_groups.h"
+#include "sequences.h"
+#include "tensor_args.h"
+#include "vectorized.h"
 
 namespace rnnkern {
 namespace {
@@ -61,14 +66,14 @@ struct GruForward {
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
       const acc_t gh_n = p[2 * H + j] + b_hh[2 * H + j];
-      const acc_t r = cpu::sigmoid(static_cast<acc_t>(x[j]) + (p[j] + b_hh[j]));
-      const acc_t z = cpu::sigmoid(static_cast<acc_t>(x[H + j]) + (p[H + j] + b_hh[H + j]));
-      const acc_t n = cpu::tanh(static_cast<acc_t>(x[2 * H + j]) + r * gh_n);
+      acc_t r, z, n;
+      math::gru_gates(static_cast<acc_t>(x[j]), p[j] + b_hh[j], static_cast<acc_t>(x[H + j]), p[H + j] + b_hh[H + j],
+                      static_cast<acc_t>(x[2 * H + j]), gh_n, r, z, n);
       gate[j] = r;
       gate[H + j] = z;
       gate[2 * H + j] = n;
       ghn_row[j] = gh_n;
-      out[j] = static_cast<scalar_t>((1 - z) * n + z * h_row[j]);
+      out[j] = static_cast<scalar_t>(math::gru_state(z, n, h_row[j]));
       h_row[j] = static_cast<acc_t>(out[j]);
     }
   }
@@ -129,15 +134,12 @@ struct GruBackward {
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
       const acc_t dh_t = (direct[j] + rec[j]) + grad[j];
-      const acc_t r = gate[j], z = gate[H + j], n = gate[2 * H + j];
-      const acc_t d_n = dh_t * (1 - z) * (1 - n * n);
-      const acc_t d_z = dh_t * (h[j] - n) * z * (1 - z);
-      const acc_t d_r = d_n * ghn_row[j] * r * (1 - r);
+      acc_t d_r, d_z, d_n;
+      math::gru_backward(gate[j], gate[H + j], gate[2 * H + j], ghn_row[j], h[j], dh_t, d_r, d_z, d_n,
+                         d_row[2 * H + j], direct[j]);
       out_x[j] = d_row[j] = d_r;
       out_x[H + j] = d_row[H + j] = d_z;
       out_x[2 * H + j] = d_n;
-      d_row[2 * H + j] = d_n * r;
-      direct[j] = dh_t * z;
     }
     std::copy(d_row, d_row + kGates * H, d_gh + (b * steps + t) * kGates * H);
   }
@@ -155,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd_cpu(
   const auto dtype = gx.scalar_type();
   cpu::check_tensor("gru_layer_fwd", "h0", h0, {batch, hidden}, dtype);
   cpu::check_tensor("gru_layer_fwd", "w_hh", w_hh, {kGates * hidden, hidden}, dtype);
-  if (b_hh.has_value()) cpu::check_tensor("gru_layer_fwd", "b_hh", *b_hh, {kGates * hidden}, dtype);
+  cpu::check_optional("gru_layer_fwd", "b_hh", b_hh, {kGates * hidden}, dtype);
   const at::Tensor lens = cpu::checked_lengths("gru_layer_fwd", lengths, batch, steps);
 
   const auto acc = at::toOpMathType(dtype);

@@ -11,7 +11,8 @@
 #include <algorithm>
 
 #include "../ops.h"
-#include "recurrence.h"
+#include "sequences.h"
+#include "tensor_args.h"
 
 namespace rnnkern {
 namespace {

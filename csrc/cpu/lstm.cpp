@@ -12,8 +12,13 @@
 #include <algorithm>
 #include <optional>
 
+#include "../math/cells.h"
 #include "../ops.h"
-#include "recurrence.h"
+#include "gemm.h"
+#include "row_groups.h"
+#include "sequences.h"
+#include "tensor_args.h"
+#include "vectorized.h"
 
 namespace rnnkern {
 namespace {
@@ -22,6 +27,16 @@ using cpu::Rows;
 using cpu::Schedule;
 
 constexpr int64_t kGates = 4;  // i, f, g, o; gate q of unit j is column q * H + j
+
+// Rows [r0, r1) of `in` (B, k) times the projection, into `out` (B, n); returns `out`, or
+// `in` itself when the layer has no projection (null).
+template <typename T>
+const T* project(const cpu::RightOperand<T>* projection, int64_t r0, int64_t r1, const T* in, int64_t k, T* out,
+                 int64_t n) {
+  if (!projection) return in;
+  projection->multiply(r1 - r0, in + r0 * k, k, out + r0 * n, n);
+  return out;
+}
 
 template <typename scalar_t, typename acc_t>
 struct LstmForward {
@@ -42,15 +57,11 @@ struct LstmForward {
 
   // Rows [r0, r1) through every step.
   void run(int64_t r0, int64_t r1) {
-    const int64_t rows = r1 - r0, width = kGates * hidden;
+    const int64_t width = kGates * hidden;
     for (int64_t s = 0; s < steps; ++s) {
-      w_hh_t.multiply(rows, h + r0 * proj, proj, pre + r0 * width, width);
+      w_hh_t.multiply(r1 - r0, h + r0 * proj, proj, pre + r0 * width, width);
       for (int64_t b = r0; b < r1; ++b) cell_row(b, s);
-      const acc_t* h_new = m;  // (B, P)
-      if (w_hr_t) {
-        w_hr_t->multiply(rows, m + r0 * hidden, hidden, projected + r0 * proj, proj);
-        h_new = projected;
-      }
+      const acc_t* h_new = project(w_hr_t, r0, r1, m, hidden, projected, proj);  // (B, P)
       for (int64_t b = r0; b < r1; ++b) emit_row(b, s, h_new + b * proj);
     }
   }
@@ -74,16 +85,17 @@ struct LstmForward {
     // to overlap its iterations, where one fused body of five activations ran 2-4% slower
     // (whole recurrence, B=16 H=256 on a Zen 3). The gate row stays in L1 between passes.
 #pragma omp simd
-    for (int64_t j = 0; j < 2 * H; ++j) gate[j] = cpu::sigmoid(static_cast<acc_t>(x[j]) + p[j]);  // i, f
+    for (int64_t j = 0; j < 2 * H; ++j) gate[j] = math::lstm_sigmoid_gate(static_cast<acc_t>(x[j]) + p[j]);  // i, f
 #pragma omp simd
-    for (int64_t j = 2 * H; j < 3 * H; ++j) gate[j] = cpu::tanh(static_cast<acc_t>(x[j]) + p[j]);  // g
+    for (int64_t j = 2 * H; j < 3 * H; ++j) gate[j] = math::lstm_candidate(static_cast<acc_t>(x[j]) + p[j]);  // g
 #pragma omp simd
-    for (int64_t j = 3 * H; j < 4 * H; ++j) gate[j] = cpu::sigmoid(static_cast<acc_t>(x[j]) + p[j]);  // o
+    for (int64_t j = 3 * H; j < 4 * H; ++j) gate[j] = math::lstm_sigmoid_gate(static_cast<acc_t>(x[j]) + p[j]);  // o
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
-      const acc_t c_new = gate[H + j] * c_row[j] + gate[j] * gate[2 * H + j];
+      acc_t c_new, m_new;
+      math::lstm_state(gate[j], gate[H + j], gate[2 * H + j], gate[3 * H + j], c_row[j], c_new, m_new);
       cell[j] = c_row[j] = c_new;
-      m_row[j] = static_cast<acc_t>(static_cast<scalar_t>(gate[3 * H + j] * cpu::tanh(c_new)));
+      m_row[j] = static_cast<acc_t>(static_cast<scalar_t>(m_new));
     }
   }
 
@@ -127,15 +139,10 @@ struct LstmBackward {
   acc_t* d_pre;              // (B, 4H) d_gates of the step
 
   void run(int64_t r0, int64_t r1) {
-    const int64_t rows = r1 - r0;
     for (int64_t s = steps - 1; s >= 0; --s) {
       if (s + 1 < steps) recurrent_gemm(r0, r1);
       for (int64_t b = r0; b < r1; ++b) gather_row(b, s);
-      const acc_t* d_m = dh;  // (B, H)
-      if (w_hr) {
-        w_hr->multiply(rows, dh + r0 * proj, proj, dm + r0 * hidden, hidden);
-        d_m = dm;
-      }
+      const acc_t* d_m = project(w_hr, r0, r1, dh, proj, dm, hidden);  // (B, H)
       for (int64_t b = r0; b < r1; ++b) cell_row(b, s, d_m + b * hidden);
     }
     if (steps > 0) recurrent_gemm(r0, r1);
@@ -186,14 +193,8 @@ struct LstmBackward {
     acc_t* __restrict dc_row = dc + b * H;
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
-      const acc_t i = gate[j], f = gate[H + j], g = gate[2 * H + j], o = gate[3 * H + j];
-      const acc_t tanh_c = cpu::tanh(cell[j]);
-      const acc_t dc_t = dc_row[j] + d_m[j] * o * (1 - tanh_c * tanh_c);
-      d_row[j] = dc_t * g * i * (1 - i);
-      d_row[H + j] = dc_t * c_prev[j] * f * (1 - f);
-      d_row[2 * H + j] = dc_t * i * (1 - g * g);
-      d_row[3 * H + j] = d_m[j] * tanh_c * o * (1 - o);
-      dc_row[j] = dc_t * f;
+      math::lstm_backward(gate[j], gate[H + j], gate[2 * H + j], gate[3 * H + j], cell[j], c_prev[j], dc_row[j],
+                          d_m[j], d_row[j], d_row[H + j], d_row[2 * H + j], d_row[3 * H + j], dc_row[j]);
     }
     std::copy(d_row, d_row + kGates * H, out);
   }
@@ -214,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   cpu::check_tensor("lstm_layer_fwd", "h0", h0, {batch, proj}, dtype);
   cpu::check_tensor("lstm_layer_fwd", "c0", c0, {batch, hidden}, dtype);
   cpu::check_tensor("lstm_layer_fwd", "w_hh", w_hh, {kGates * hidden, proj}, dtype);
-  if (w_hr.has_value()) cpu::check_tensor("lstm_layer_fwd", "w_hr", *w_hr, {proj, hidden}, dtype);
+  cpu::check_optional("lstm_layer_fwd", "w_hr", w_hr, {proj, hidden}, dtype);
   const at::Tensor lens = cpu::checked_lengths("lstm_layer_fwd", lengths, batch, steps);
 
   const auto acc = at::toOpMathType(dtype);
@@ -257,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
   const int64_t proj = w_hh.size(1);
   const auto acc = at::toOpMathType(w_hh.scalar_type());
   cpu::check_tensor("lstm_layer_bwd", "w_hh", w_hh, {kGates * hidden, proj}, w_hh.scalar_type());
-  if (w_hr.has_value()) cpu::check_tensor("lstm_layer_bwd", "w_hr", *w_hr, {proj, hidden}, w_hh.scalar_type());
+  cpu::check_optional("lstm_layer_bwd", "w_hr", w_hr, {proj, hidden}, w_hh.scalar_type());
   cpu::check_tensor("lstm_layer_bwd", "gates", gates_in, {batch, steps, kGates * hidden}, acc);
   cpu::check_tensor("lstm_layer_bwd", "cells", cells_in, {batch, steps, hidden}, acc);
   cpu::check_shape("lstm_layer_bwd", "c0", c0, {batch, hidden});

@@ -1,19 +1,21 @@
 // The input projection of a recurrent layer on CPU, fp32: gx = x W^T + bias for all steps at
-// once, one large GEMM.
-// - On AVX-512 CPUs, oneDNN's small-matrix kernel (cpublas::brgemm): each thread takes a range
+// once, one large GEMM, on the float kernel gemm.h chose for this process:
+// - the small-matrix kernel (on AVX-512 CPUs, where torch has it): each thread takes a range
 //   of rows and walks W^T in panels of kPanel columns, running every row block of its range
 //   against one panel while the panel sits in its L2. Where the BLAS behind at::linear takes a
 //   narrower vector path than the CPU has (MKL on AMD: AVX2 on an AVX-512 CPU) this is faster:
 //   (4096, 256) x (256, 1024) on a 2-core Zen 4 took 10.5-11.0 ms against 12.9-13.3 ms.
-// - On AVX2 CPUs, the panel kernel of panel_gemm.h, where brgemm ran at half MKL's speed.
-// Other dtypes, and builds with neither kernel, use at::linear.
+// - the panel kernel of panel_gemm.h (on AVX2 CPUs, where brgemm ran at half MKL's speed).
+// - BLAS: at::linear, as for every other dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 
 #include "../ops.h"
-#include "recurrence.h"
+#include "gemm.h"
+#include "tensor_args.h"
+#include "vectorized.h"
 
 namespace rnnkern {
 namespace {
@@ -31,9 +33,9 @@ RNNKERN_VECTORIZED void add_bias(float* __restrict tile, int64_t rows, int64_t c
   }
 }
 
-// out (m, n) = a (m, k) @ W^T + bias (or null): W^T in 128-column panels for oneDNN's kernel,
-// the bias added while a tile is in cache.
-void project_brgemm(const at::Tensor& a, const at::Tensor& weight, const float* bias, float* out_data) {
+// out (m, n) = a (m, k) @ W^T + bias (or null): W^T in 128-column panels for the small-matrix
+// kernel, the bias added while a tile is in cache.
+void project_small_matrix(const at::Tensor& a, const at::Tensor& weight, const float* bias, float* out_data) {
   const int64_t m = a.size(0), k = a.size(1), n = weight.size(0);
   const at::Tensor b = weight.t().contiguous();  // (K, N)
   const float *a_data = a.data_ptr<float>(), *b_data = b.data_ptr<float>();
@@ -43,8 +45,7 @@ void project_brgemm(const at::Tensor& a, const at::Tensor& weight, const float* 
       for (int64_t r = r0; r < r1; r += kRowsPerBlock) {
         const int64_t rows = std::min(kRowsPerBlock, r1 - r);
         float* tile = out_data + r * n + p;
-        at::native::cpublas::brgemm(rows, cols, k, k, n, n, /*add_C=*/false, a_data + r * k, b_data + p, tile,
-                                    /*is_vnni=*/false);
+        cpu::gemm(rows, cols, k, a_data + r * k, k, b_data + p, n, tile, n);
         if (bias) add_bias(tile, rows, cols, n, bias + p);
       }
     }
@@ -75,25 +76,18 @@ at::Tensor input_projection_cpu(const at::Tensor& x, const at::Tensor& weight, c
   if (bias.has_value()) cpu::check_shape("input_projection", "bias", *bias, {weight.size(0)});
   const bool all_float = x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
                          (!bias.has_value() || bias->scalar_type() == at::kFloat);
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  constexpr bool have_brgemm = true;
-#else
-  constexpr bool have_brgemm = false;
-#endif
-  const bool panels = cpu::panel_gemm_preferred();
-  if (!all_float || !(panels || have_brgemm)) return at::linear(x, weight, bias);
+  const cpu::FloatGemm kernel = all_float ? cpu::float_gemm() : cpu::FloatGemm::kBlas;
+  if (kernel == cpu::FloatGemm::kBlas) return at::linear(x, weight, bias);
 
   const int64_t k = weight.size(1), n = weight.size(0);
   const at::Tensor a = x.reshape({-1, k}).contiguous();  // (M, K)
-  const at::Tensor bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const float* bias_data = bias_values.defined() ? bias_values.data_ptr<float>() : nullptr;
+  const at::Tensor bias_values = cpu::contiguous_or_undefined(bias);
+  const float* bias_data = cpu::data_or_null<float>(bias_values);
   at::Tensor out = at::empty({a.size(0), n}, a.options());
-  if (panels) {
+  if (kernel == cpu::FloatGemm::kPanels) {
     project_panels(a, weight, bias_data, out.data_ptr<float>());
   } else {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-    project_brgemm(a, weight, bias_data, out.data_ptr<float>());
-#endif
+    project_small_matrix(a, weight, bias_data, out.data_ptr<float>());
   }
   return out.view(cpu::with_last_dim(x, n));
 }

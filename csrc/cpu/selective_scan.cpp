@@ -22,36 +22,31 @@
 #include <cmath>
 #include <vector>
 
+#include "../math/activations.h"
 #include "../ops.h"
-#include "recurrence.h"
+#include "tensor_args.h"
+#include "vectorized.h"
 
 namespace rnnkern {
 namespace {
 
 // Steps between stored states; CHUNK in rnnkern/ops/selective_scan/reference.py.
 constexpr int64_t kChunk = 64;
-// softplus(x) = x above this, as in torch.nn.functional.softplus (and mamba_ssm)
-constexpr double kSoftplusThreshold = 20.0;
 
 int64_t num_chunks(int64_t length) { return (length + kChunk - 1) / kChunk; }
-
-// exp(delta' * A): the vectorisable float exp (its clamp to [-87, 88] changes nothing a
-// decay factor can show), the C library's for double.
-inline float decay(float x) { return cpu::exp_clamped(x); }
-inline double decay(double x) { return std::exp(x); }
 
 // delta' = softplus(delta + bias) with delta_softplus, else delta + bias.
 template <typename acc_t>
 acc_t step_size(acc_t delta, acc_t bias, bool softplus) {
   const acc_t x = delta + bias;
-  return softplus && x <= acc_t(kSoftplusThreshold) ? std::log1p(std::exp(x)) : x;
+  return softplus ? math::softplus(x) : x;
 }
 
 // d(delta') / d(delta), for the backward.
 template <typename acc_t>
 acc_t step_size_slope(acc_t delta, acc_t bias, bool softplus) {
   const acc_t x = delta + bias;
-  return softplus && x <= acc_t(kSoftplusThreshold) ? acc_t(1) / (acc_t(1) + std::exp(-x)) : acc_t(1);
+  return softplus ? math::softplus_slope(x) : acc_t(1);
 }
 
 // B or C (or their gradient): the N values that step t of channel d of sequence b reads.
@@ -90,21 +85,31 @@ at::Tensor kernel_layout(const at::Tensor& x, at::ScalarType acc) {
 }
 
 // ---------------------------------------------------------------------------------------
+// The scan's inputs as both kernels read them: u, delta and z in input_t (the input dtype in
+// the forward, the state dtype in the backward), the parameters in the state dtype.
+template <typename input_t, typename acc_t>
+struct ScanInputs {
+  const input_t* u;          // (Bt, Dm, L)
+  const input_t* delta;      // (Bt, Dm, L)
+  const input_t* z;          // (Bt, Dm, L) or null
+  const acc_t* A;            // (Dm, N)
+  StateOperand<const acc_t> B, C;
+  const acc_t* D;            // (Dm,) or null
+  const acc_t* delta_bias;   // (Dm,) or null
+  bool softplus;
+
+  acc_t skip(int64_t d) const { return D ? D[d] : acc_t(0); }
+  acc_t bias(int64_t d) const { return delta_bias ? delta_bias[d] : acc_t(0); }
+};
+
 template <typename scalar_t, typename acc_t>
 struct ScanForward {
-  int64_t dim, length, state_size;           // Dm, L, N
-  const scalar_t* u;                          // (Bt, Dm, L)
-  const scalar_t* delta;                      // (Bt, Dm, L)
-  const scalar_t* z;                          // (Bt, Dm, L) or null
-  const acc_t* A;                             // (Dm, N)
-  StateOperand<const acc_t> B, C;
-  const acc_t* D;                             // (Dm,) or null
-  const acc_t* delta_bias;                    // (Dm,) or null
-  bool softplus;
-  const acc_t* initial_state;                 // (Bt, Dm, N) or null (zeros)
-  scalar_t* out;                              // (Bt, Dm, L)
-  acc_t* last_state;                          // (Bt, Dm, N)
-  acc_t* checkpoints;                         // (Bt, Dm, chunks, N), or null when not training
+  int64_t dim, length, state_size;  // Dm, L, N
+  ScanInputs<scalar_t, acc_t> in;
+  const acc_t* initial_state;        // (Bt, Dm, N) or null (zeros)
+  scalar_t* out;                     // (Bt, Dm, L)
+  acc_t* last_state;                 // (Bt, Dm, N)
+  acc_t* checkpoints;                // (Bt, Dm, chunks, N), or null when not training
 
   // Channel d of sequence b through every step; x: scratch for its N state values.
   RNNKERN_VECTORIZED void run(int64_t b, int64_t d, acc_t* __restrict x) const {
@@ -114,33 +119,32 @@ struct ScanForward {
     } else {
       std::fill_n(x, N, acc_t(0));
     }
-    const acc_t* __restrict a_row = A + d * N;
-    const acc_t* b_row = B.channel(b, d);
-    const acc_t* c_row = C.channel(b, d);
-    const acc_t skip = D ? D[d] : acc_t(0);
-    const acc_t bias = delta_bias ? delta_bias[d] : acc_t(0);
-    const scalar_t* u_row = u + row * length;
-    const scalar_t* delta_row = delta + row * length;
+    const acc_t* __restrict a_row = in.A + d * N;
+    const acc_t* b_row = in.B.channel(b, d);
+    const acc_t* c_row = in.C.channel(b, d);
+    const acc_t skip = in.skip(d), bias = in.bias(d);
+    const scalar_t* u_row = in.u + row * length;
+    const scalar_t* delta_row = in.delta + row * length;
     scalar_t* out_row = out + row * length;
     for (int64_t t = 0; t < length; ++t) {
       if (checkpoints && t % kChunk == 0) {
         std::copy_n(x, N, checkpoints + (row * num_chunks(length) + t / kChunk) * N);
       }
-      const acc_t dt = step_size(static_cast<acc_t>(delta_row[t]), bias, softplus);
+      const acc_t dt = step_size(static_cast<acc_t>(delta_row[t]), bias, in.softplus);
       const acc_t u_t = static_cast<acc_t>(u_row[t]);
       const acc_t dt_u = dt * u_t;
-      const acc_t* __restrict b_t = b_row + t * B.time_stride;
-      const acc_t* __restrict c_t = c_row + t * C.time_stride;
+      const acc_t* __restrict b_t = b_row + t * in.B.time_stride;
+      const acc_t* __restrict c_t = c_row + t * in.C.time_stride;
       acc_t y = 0;
 #pragma omp simd reduction(+ : y)
       for (int64_t n = 0; n < N; ++n) {
-        x[n] = decay(dt * a_row[n]) * x[n] + dt_u * b_t[n];
+        x[n] = math::exp(dt * a_row[n]) * x[n] + dt_u * b_t[n];
         y += c_t[n] * x[n];
       }
       y += skip * u_t;
-      if (z) {
-        const acc_t z_t = static_cast<acc_t>(z[row * length + t]);
-        y *= z_t * cpu::sigmoid(z_t);
+      if (in.z) {
+        const acc_t z_t = static_cast<acc_t>(in.z[row * length + t]);
+        y *= math::silu(z_t);
       }
       out_row[t] = static_cast<scalar_t>(y);
     }
@@ -157,15 +161,8 @@ struct ScanForward {
 //   h = a_t h                    (so h at the end is d(initial_state))
 template <typename acc_t>
 struct ScanBackward {
-  int64_t batch, dim, length, state_size;      // Bt, Dm, L, N
-  const acc_t* u;                               // (Bt, Dm, L)
-  const acc_t* delta;                           // (Bt, Dm, L)
-  const acc_t* z;                               // (Bt, Dm, L) or null
-  const acc_t* A;                               // (Dm, N)
-  StateOperand<const acc_t> B, C;
-  const acc_t* D;                               // (Dm,) or null
-  const acc_t* delta_bias;                      // (Dm,) or null
-  bool softplus;
+  int64_t batch, dim, length, state_size;       // Bt, Dm, L, N
+  ScanInputs<acc_t, acc_t> in;
   const acc_t* checkpoints;                     // (Bt, Dm, chunks, N)
   const acc_t* grad_out;                        // (Bt, Dm, L)
   const acc_t* grad_last_state;                 // (Bt, Dm, N)
@@ -203,28 +200,27 @@ struct ScanBackward {
   RNNKERN_VECTORIZED void recompute_chunk(int64_t b, int64_t d, int64_t c, Scratch& scratch) const {
     const int64_t N = state_size, row = b * dim + d, t0 = c * kChunk;
     const int64_t steps = std::min(kChunk, length - t0);
-    const acc_t* __restrict a_row = A + d * N;
-    const acc_t* b_row = B.channel(b, d);
-    const acc_t* c_row = C.channel(b, d);
-    const acc_t bias = delta_bias ? delta_bias[d] : acc_t(0);
-    const acc_t skip = D ? D[d] : acc_t(0);
+    const acc_t* __restrict a_row = in.A + d * N;
+    const acc_t* b_row = in.B.channel(b, d);
+    const acc_t* c_row = in.C.channel(b, d);
+    const acc_t skip = in.skip(d), bias = in.bias(d);
     std::copy_n(checkpoints + (row * num_chunks(length) + c) * N, N, scratch.states.data());
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t t = t0 + s;
-      const acc_t dt = step_size(delta[row * length + t], bias, softplus);
+      const acc_t dt = step_size(in.delta[row * length + t], bias, in.softplus);
       scratch.dt[s] = dt;
-      scratch.slope[s] = step_size_slope(delta[row * length + t], bias, softplus);
-      const acc_t u_t = u[row * length + t];
+      scratch.slope[s] = step_size_slope(in.delta[row * length + t], bias, in.softplus);
+      const acc_t u_t = in.u[row * length + t];
       const acc_t dt_u = dt * u_t;
-      const acc_t* __restrict b_t = b_row + t * B.time_stride;
-      const acc_t* __restrict c_t = c_row + t * C.time_stride;
+      const acc_t* __restrict b_t = b_row + t * in.B.time_stride;
+      const acc_t* __restrict c_t = c_row + t * in.C.time_stride;
       const acc_t* __restrict x_prev = scratch.states.data() + s * N;
       acc_t* __restrict x = scratch.states.data() + (s + 1) * N;
       acc_t* __restrict a = scratch.decays.data() + s * N;
       acc_t y = 0;
 #pragma omp simd reduction(+ : y)
       for (int64_t n = 0; n < N; ++n) {
-        a[n] = decay(dt * a_row[n]);
+        a[n] = math::exp(dt * a_row[n]);
         x[n] = a[n] * x_prev[n] + dt_u * b_t[n];
         y += c_t[n] * x[n];
       }
@@ -236,28 +232,28 @@ struct ScanBackward {
                                          const Scratch& scratch) const {
     const int64_t N = state_size, row = b * dim + d, t0 = c * kChunk;
     const int64_t steps = std::min(kChunk, length - t0);
-    const acc_t* __restrict a_row = A + d * N;
-    const acc_t* b_row = B.channel(b, d);
-    const acc_t* c_row = C.channel(b, d);
+    const acc_t* __restrict a_row = in.A + d * N;
+    const acc_t* b_row = in.B.channel(b, d);
+    const acc_t* c_row = in.C.channel(b, d);
     acc_t* db_row = dB.channel(b, d, slot);
     acc_t* dc_row = dC.channel(b, d, slot);
     acc_t* __restrict da = dA + row * N;
-    const acc_t skip = D ? D[d] : acc_t(0);
+    const acc_t skip = in.skip(d);
     acc_t d_skip = 0, d_bias = 0;
     for (int64_t s = steps - 1; s >= 0; --s) {
       const int64_t t = t0 + s;
-      const acc_t u_t = u[row * length + t], g = grad_out[row * length + t];
+      const acc_t u_t = in.u[row * length + t], g = grad_out[row * length + t];
       const acc_t dt = scratch.dt[s];
       acc_t dy = g;
-      if (z) {
-        const acc_t z_t = z[row * length + t], gate = cpu::sigmoid(z_t);
+      if (in.z) {
+        const acc_t z_t = in.z[row * length + t], gate = math::sigmoid(z_t);
         dy = g * z_t * gate;
         dz[row * length + t] = g * scratch.y[s] * gate * (acc_t(1) + z_t * (acc_t(1) - gate));
       }
       d_skip += dy * u_t;
       const acc_t dt_u = dt * u_t;
-      const acc_t* __restrict b_t = b_row + t * B.time_stride;
-      const acc_t* __restrict c_t = c_row + t * C.time_stride;
+      const acc_t* __restrict b_t = b_row + t * in.B.time_stride;
+      const acc_t* __restrict c_t = c_row + t * in.C.time_stride;
       acc_t* __restrict db_t = db_row + t * dB.time_stride;
       acc_t* __restrict dc_t = dc_row + t * dC.time_stride;
       const acc_t* __restrict x_prev = scratch.states.data() + s * N;
@@ -336,18 +332,13 @@ ScanShape check_inputs(const char* op, const at::Tensor& u, const at::Tensor& de
     check_float(op, "delta_bias", *delta_bias);
     cpu::check_shape(op, "delta_bias", *delta_bias, {dim});
   }
-  if (z.has_value()) cpu::check_tensor(op, "z", *z, u.sizes(), u.scalar_type());
+  cpu::check_optional(op, "z", z, u.sizes(), u.scalar_type());
   return {batch, dim, length, n, std::max(groups_b, groups_c)};
 }
 
 // Optional (Dm,) vectors in the state dtype, or undefined.
 at::Tensor acc_or_undefined(const std::optional<at::Tensor>& x, at::ScalarType acc) {
   return x.has_value() ? x->to(acc).contiguous() : at::Tensor();
-}
-
-template <typename T>
-T* data_or_null(const at::Tensor& x) {
-  return x.defined() ? x.data_ptr<T>() : nullptr;
 }
 
 // Channels per backward task: tasks own (sequence, group, block of the group's channels);
@@ -371,13 +362,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd_cpu(
   const int64_t batch = shape.batch, dim = shape.dim, length = shape.length, N = shape.state_size;
   const auto dtype = u_in.scalar_type();
   const auto acc = at::toOpMathType(dtype);
-  if (initial_state.has_value()) cpu::check_tensor(op, "initial_state", *initial_state, {batch, dim, N}, acc);
+  cpu::check_optional(op, "initial_state", initial_state, {batch, dim, N}, acc);
 
   const at::Tensor u = u_in.contiguous(), delta = delta_in.contiguous();
-  const at::Tensor z_c = z.has_value() ? z->contiguous() : at::Tensor();
+  const at::Tensor z_c = cpu::contiguous_or_undefined(z);
   const at::Tensor A_acc = A.to(acc).contiguous(), B_k = kernel_layout(B, acc), C_k = kernel_layout(C, acc);
   const at::Tensor D_acc = acc_or_undefined(D, acc), bias = acc_or_undefined(delta_bias, acc);
-  const at::Tensor h0 = initial_state.has_value() ? initial_state->contiguous() : at::Tensor();
+  const at::Tensor h0 = cpu::contiguous_or_undefined(initial_state);
   const auto acc_options = u.options().dtype(acc);
   at::Tensor out = at::empty(u.sizes(), u.options());
   at::Tensor last_state = at::empty({batch, dim, N}, acc_options);
@@ -387,10 +378,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "selective_scan_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ScanForward<scalar_t, acc_t> kernel{
-        dim, length, N, u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), data_or_null<scalar_t>(z_c),
-        A_acc.data_ptr<acc_t>(), operand_of<acc_t>(B_k, dim, length), operand_of<acc_t>(C_k, dim, length),
-        data_or_null<acc_t>(D_acc), data_or_null<acc_t>(bias), delta_softplus, data_or_null<acc_t>(h0),
-        out.data_ptr<scalar_t>(), last_state.data_ptr<acc_t>(),
+        dim, length, N,
+        {u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), cpu::data_or_null<scalar_t>(z_c), A_acc.data_ptr<acc_t>(),
+         operand_of<acc_t>(B_k, dim, length), operand_of<acc_t>(C_k, dim, length), cpu::data_or_null<acc_t>(D_acc),
+         cpu::data_or_null<acc_t>(bias), delta_softplus},
+        cpu::data_or_null<acc_t>(h0), out.data_ptr<scalar_t>(), last_state.data_ptr<acc_t>(),
         training ? checkpoints.data_ptr<acc_t>() : nullptr};
     at::parallel_for(0, batch * dim, 1, [&](int64_t first, int64_t last) {
       std::vector<acc_t> x(N);
@@ -412,7 +404,7 @@ selective_scan_bwd_cpu(const at::Tensor& u_in, const at::Tensor& delta_in, const
   const ScanShape shape = check_inputs(op, u_in, delta_in, A, B, C, D, z, delta_bias);
   const int64_t batch = shape.batch, dim = shape.dim, length = shape.length, N = shape.state_size;
   const auto acc = at::toOpMathType(u_in.scalar_type());
-  if (initial_state.has_value()) cpu::check_tensor(op, "initial_state", *initial_state, {batch, dim, N}, acc);
+  cpu::check_optional(op, "initial_state", initial_state, {batch, dim, N}, acc);
   cpu::check_tensor(op, "checkpoints", checkpoints_in, {batch, dim, num_chunks(length), N}, acc);
   cpu::check_shape(op, "grad_out", grad_out_in, u_in.sizes());
   check_float(op, "grad_out", grad_out_in);
@@ -454,12 +446,14 @@ selective_scan_bwd_cpu(const at::Tensor& u_in, const at::Tensor& delta_in, const
       return operand;
     };
     const ScanBackward<acc_t> kernel{
-        batch, dim, length, N, u.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), data_or_null<acc_t>(z_acc),
-        A_acc.data_ptr<acc_t>(), operand_of<acc_t>(B_k, dim, length), operand_of<acc_t>(C_k, dim, length),
-        data_or_null<acc_t>(D_acc), data_or_null<acc_t>(bias), delta_softplus, checkpoints.data_ptr<acc_t>(),
+        batch, dim, length, N,
+        {u.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), cpu::data_or_null<acc_t>(z_acc), A_acc.data_ptr<acc_t>(),
+         operand_of<acc_t>(B_k, dim, length), operand_of<acc_t>(C_k, dim, length), cpu::data_or_null<acc_t>(D_acc),
+         cpu::data_or_null<acc_t>(bias), delta_softplus},
+        checkpoints.data_ptr<acc_t>(),
         grad_out.data_ptr<acc_t>(), grad_last.data_ptr<acc_t>(), du.data_ptr<acc_t>(), ddelta.data_ptr<acc_t>(),
-        data_or_null<acc_t>(dz), grad_operand(dB_k), grad_operand(dC_k), dA.data_ptr<acc_t>(),
-        data_or_null<acc_t>(dD), data_or_null<acc_t>(dbias), dinitial.data_ptr<acc_t>()};
+        cpu::data_or_null<acc_t>(dz), grad_operand(dB_k), grad_operand(dC_k), dA.data_ptr<acc_t>(),
+        cpu::data_or_null<acc_t>(dD), cpu::data_or_null<acc_t>(dbias), dinitial.data_ptr<acc_t>()};
     at::parallel_for(0, batch * groups * blocks, 1, [&](int64_t first, int64_t last) {
       typename ScanBackward<acc_t>::Scratch scratch{std::vector<acc_t>((kChunk + 1) * N),
                                                      std::vector<acc_t>(kChunk * N), std::vector<acc_t>(kChunk)};

@@ -15,8 +15,10 @@
 
 #include <algorithm>
 
+#include "../math/cells.h"
 #include "../ops.h"
-#include "recurrence.h"
+#include "tensor_args.h"
+#include "vectorized.h"
 
 namespace rnnkern {
 namespace {
@@ -89,11 +91,6 @@ RNNKERN_VECTORIZED void project_rows(const T* __restrict w, int64_t k, int64_t r
   }
 }
 
-template <typename T>
-const T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
 // Rows of a (..., D) tensor: the product of its leading dimensions.
 int64_t leading_rows(const at::Tensor& t) { return c10::multiply_integers(t.sizes().slice(0, t.dim() - 1)); }
 
@@ -104,17 +101,16 @@ void check_step_inputs(const char* op, const at::Tensor& x, const at::Tensor& h,
                        const std::optional<at::Tensor>& b_hh, int64_t gates) {
   TORCH_CHECK(x.dim() >= 1 && h.dim() >= 1, op, ": x (..., I) and h (..., H) need a last dimension, got ", x.sizes(),
               " and ", h.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": x must be float32 or float64, got ", x.scalar_type());
+  cpu::check_float_or_double(op, "x", x);
   TORCH_CHECK(leading_rows(x) == leading_rows(h), op, ": x ", x.sizes(), " and h ", h.sizes(),
               " must hold the same number of rows (the product of their leading dimensions)");
   const int64_t hidden = h.size(-1);
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(h.scalar_type() == dtype, op, ": h must be ", dtype, ", got ", h.scalar_type());
+  cpu::check_dtype(op, "h", h, dtype);
   cpu::check_tensor(op, "w_ih", w_ih, {gates * hidden, x.size(-1)}, dtype);
   cpu::check_tensor(op, "w_hh", w_hh, {gates * hidden, hidden}, dtype);
-  if (b_ih.has_value()) cpu::check_tensor(op, "b_ih", *b_ih, {gates * hidden}, dtype);
-  if (b_hh.has_value()) cpu::check_tensor(op, "b_hh", *b_hh, {gates * hidden}, dtype);
+  cpu::check_optional(op, "b_ih", b_ih, {gates * hidden}, dtype);
+  cpu::check_optional(op, "b_hh", b_hh, {gates * hidden}, dtype);
 }
 
 // The gate pre-activations of units [j0, j1): gi = b_ih + x W_ih^T and gh = b_hh + h W_hh^T
@@ -135,61 +131,55 @@ struct GateProjections {
   }
 };
 
-// Units [j0, j1) of every row: their gate pre-activations, then the cell update.
-template <typename T>
-struct LstmStep {
-  GateProjections<T> pre;  // 4 gates
-  const T* c;              // (B, H)
-  T *y, *h_out, *c_out;    // (B, H) rows each: y holds h' too, as the layer's output
+// Units [j0, j1) of every row: their gate pre-activations, then `Update`'s pointwise step of
+// those units, row by row, with row b's operands: gi and gh (gates * H), h, y and h' (H).
+template <typename T, typename Update>
+struct UnitStep {
+  GateProjections<T> pre;
+  T *y, *h_out;  // (B, H) rows each: y holds h' too, as the layer's output
+  Update update;
 
   void operator()(int64_t j0, int64_t j1) const {
     pre(j0, j1);
-    for (int64_t b = 0; b < pre.batch; ++b) cell_row(b, j0, j1);
-  }
-
-  RNNKERN_VECTORIZED void cell_row(int64_t b, int64_t j0, int64_t j1) const {
-    const int64_t H = pre.hidden;
-    const T* __restrict a = pre.gi + b * 4 * H;
-    const T* __restrict p = pre.gh + b * 4 * H;
-    const T* __restrict c_row = c + b * H;
-    T* __restrict y_row = y + b * H;
-    T* __restrict h_new = h_out + b * H;
-    T* __restrict c_new = c_out + b * H;
-#pragma omp simd
-    for (int64_t j = j0; j < j1; ++j) {
-      const T i = cpu::sigmoid(a[j] + p[j]);
-      const T f = cpu::sigmoid(a[H + j] + p[H + j]);
-      const T g = cpu::tanh(a[2 * H + j] + p[2 * H + j]);
-      const T o = cpu::sigmoid(a[3 * H + j] + p[3 * H + j]);
-      c_new[j] = f * c_row[j] + i * g;
-      y_row[j] = h_new[j] = o * cpu::tanh(c_new[j]);
+    const int64_t H = pre.hidden, width = pre.gates * H;
+    for (int64_t b = 0; b < pre.batch; ++b) {
+      update(b, j0, j1, H, pre.gi + b * width, pre.gh + b * width, pre.h + b * H, y + b * H, h_out + b * H);
     }
   }
 };
 
 template <typename T>
-struct GruStep {
-  GateProjections<T> pre;  // 3 gates
-  T *y, *h_out;            // (B, H) rows each: y holds h' too, as the layer's output
+struct LstmUpdate {
+  const T* c;  // (B, H)
+  T* c_out;    // (B, H)
 
-  void operator()(int64_t j0, int64_t j1) const {
-    pre(j0, j1);
-    for (int64_t b = 0; b < pre.batch; ++b) cell_row(b, j0, j1);
-  }
-
-  RNNKERN_VECTORIZED void cell_row(int64_t b, int64_t j0, int64_t j1) const {
-    const int64_t H = pre.hidden;
-    const T* __restrict a = pre.gi + b * 3 * H;
-    const T* __restrict p = pre.gh + b * 3 * H;
-    const T* __restrict h_row = pre.h + b * H;
-    T* __restrict y_row = y + b * H;
-    T* __restrict h_new = h_out + b * H;
+  RNNKERN_VECTORIZED void operator()(int64_t b, int64_t j0, int64_t j1, int64_t H, const T* __restrict a,
+                                     const T* __restrict p, const T*, T* __restrict y, T* __restrict h_new) const {
+    const T* __restrict c_row = c + b * H;
+    T* __restrict c_new = c_out + b * H;
 #pragma omp simd
     for (int64_t j = j0; j < j1; ++j) {
-      const T r = cpu::sigmoid(a[j] + p[j]);
-      const T z = cpu::sigmoid(a[H + j] + p[H + j]);
-      const T n = cpu::tanh(a[2 * H + j] + r * p[2 * H + j]);
-      y_row[j] = h_new[j] = (1 - z) * n + z * h_row[j];
+      const T i = math::lstm_sigmoid_gate(a[j] + p[j]);
+      const T f = math::lstm_sigmoid_gate(a[H + j] + p[H + j]);
+      const T g = math::lstm_candidate(a[2 * H + j] + p[2 * H + j]);
+      const T o = math::lstm_sigmoid_gate(a[3 * H + j] + p[3 * H + j]);
+      T m;
+      math::lstm_state(i, f, g, o, c_row[j], c_new[j], m);
+      y[j] = h_new[j] = m;
+    }
+  }
+};
+
+template <typename T>
+struct GruUpdate {
+  RNNKERN_VECTORIZED void operator()(int64_t, int64_t j0, int64_t j1, int64_t H, const T* __restrict a,
+                                     const T* __restrict p, const T* __restrict h, T* __restrict y,
+                                     T* __restrict h_new) const {
+#pragma omp simd
+    for (int64_t j = j0; j < j1; ++j) {
+      T r, z, n;
+      math::gru_gates(a[j], p[j], a[H + j], p[H + j], a[2 * H + j], p[2 * H + j], r, z, n);
+      y[j] = h_new[j] = math::gru_state(z, n, h[j]);
     }
   }
 };
@@ -205,14 +195,14 @@ struct StepOperands {
       : x(x_in.reshape({leading_rows(x_in), x_in.size(-1)}).contiguous()),
         h(h_in.reshape({leading_rows(h_in), h_in.size(-1)}).contiguous()), w_ih(w_ih_in.contiguous()),
         w_hh(w_hh_in.contiguous()),
-        b_ih(b_ih_in.has_value() ? b_ih_in->contiguous() : at::Tensor()),
-        b_hh(b_hh_in.has_value() ? b_hh_in->contiguous() : at::Tensor()),
+        b_ih(cpu::contiguous_or_undefined(b_ih_in)), b_hh(cpu::contiguous_or_undefined(b_hh_in)),
         gi(at::empty({x.size(0), gates * h.size(1)}, x.options())), gh(at::empty_like(gi)), gates(gates) {}
 
   template <typename T>
   GateProjections<T> projections() const {
     return {x.size(0), x.size(1), h.size(1), gates, x.data_ptr<T>(), h.data_ptr<T>(), w_ih.data_ptr<T>(),
-            w_hh.data_ptr<T>(), data_or_null<T>(b_ih), data_or_null<T>(b_hh), gi.data_ptr<T>(), gh.data_ptr<T>()};
+            w_hh.data_ptr<T>(), cpu::data_or_null<T>(b_ih), cpu::data_or_null<T>(b_hh), gi.data_ptr<T>(),
+            gh.data_ptr<T>()};
   }
 };
 
@@ -228,8 +218,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_step_cpu(
   at::Tensor y = x.new_empty(cpu::with_last_dim(x, h.size(-1)));
   at::Tensor h_out = at::empty(h.sizes(), h.options()), c_out = at::empty(c.sizes(), c.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_step_cpu", [&] {
-    const LstmStep<scalar_t> step{operands.projections<scalar_t>(), c.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                  h_out.data_ptr<scalar_t>(), c_out.data_ptr<scalar_t>()};
+    const UnitStep<scalar_t, LstmUpdate<scalar_t>> step{operands.projections<scalar_t>(), y.data_ptr<scalar_t>(),
+                                                         h_out.data_ptr<scalar_t>(),
+                                                         {c.data_ptr<scalar_t>(), c_out.data_ptr<scalar_t>()}};
     at::parallel_for(0, h.size(-1), kMinUnitsPerThread, step);
   });
   return {y, h_out, c_out};
@@ -243,7 +234,8 @@ std::tuple<at::Tensor, at::Tensor> gru_step_cpu(
   at::Tensor y = x.new_empty(cpu::with_last_dim(x, h.size(-1)));
   at::Tensor h_out = at::empty(h.sizes(), h.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_step_cpu", [&] {
-    const GruStep<scalar_t> step{operands.projections<scalar_t>(), y.data_ptr<scalar_t>(), h_out.data_ptr<scalar_t>()};
+    const UnitStep<scalar_t, GruUpdate<scalar_t>> step{operands.projections<scalar_t>(), y.data_ptr<scalar_t>(),
+                                                        h_out.data_ptr<scalar_t>(), {}};
     at::parallel_for(0, h.size(-1), kMinUnitsPerThread, step);
   });
   return {y, h_out};

@@ -11,8 +11,10 @@
 #include <cmath>
 #include <string>
 
+#include "../math/activations.h"
 #include "../ops.h"
-#include "recurrence.h"
+#include "tensor_args.h"
+#include "vectorized.h"
 
 namespace rnnkern {
 namespace {
@@ -20,21 +22,6 @@ namespace {
 // (batch, channel) pairs per parallel task: one pair is only N (or W) multiply-adds, but also
 // a softplus and a silu (a Mamba block of 512 channels still decodes faster on two threads).
 constexpr int64_t kPairsPerTask = 256;
-constexpr double kSoftplusThreshold = 20.0;  // softplus(x) = x above it, as torch
-
-// e^x and silu(x): the vectorisable float versions of recurrence.h, the C library's for double
-inline float exp_(float x) { return cpu::exp_clamped(x); }
-inline double exp_(double x) { return std::exp(x); }
-
-template <typename T>
-T silu(T x) {
-  return x * cpu::sigmoid(x);
-}
-
-template <typename T>
-T softplus(T x) {
-  return x > T(kSoftplusThreshold) ? x : std::log1p(std::exp(x));
-}
 
 // One channel's state update, h (N,) in place: h = e^{step A} h + drive B; returns C . h.
 template <typename T>
@@ -43,34 +30,15 @@ RNNKERN_VECTORIZED T update_state(T* __restrict h, const T* __restrict a, const 
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
-    h[i] = exp_(step * a[i]) * h[i] + drive * b[i];
+    h[i] = math::exp(step * a[i]) * h[i] + drive * b[i];
     sum += c[i] * h[i];
   }
   return sum;
 }
 
-template <typename T>
-const T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
-at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
-void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype) {
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
-}
-
 void check_input(const char* op, const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2, op, ": x must have shape (B, D), got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": x must be float32 or float64, got ", x.scalar_type());
-}
-
-void check_optional(const char* op, const char* name, const std::optional<at::Tensor>& t, at::IntArrayRef shape,
-                    at::ScalarType dtype) {
-  if (t.has_value()) cpu::check_tensor(op, name, *t, shape, dtype);
+  cpu::check_float_or_double(op, "x", x);
 }
 
 void check_state(const char* op, const char* name, const at::Tensor& state, at::IntArrayRef shape,
@@ -94,14 +62,15 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x_in, at::Tensor& conv_sta
   TORCH_CHECK(weight_in.dim() == 2 && weight_in.size(0) == dims && weight_in.size(1) > 0, op,
               ": weight must have shape (", dims, ", W), got ", weight_in.sizes());
   const int64_t width = weight_in.size(1);
-  check_dtype(op, "weight", weight_in, dtype);
-  check_optional(op, "bias", bias_in, {dims}, dtype);
+  cpu::check_dtype(op, "weight", weight_in, dtype);
+  cpu::check_optional(op, "bias", bias_in, {dims}, dtype);
   check_state(op, "conv_state", conv_state, {batch, dims, width}, dtype);
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), bias = contiguous_or_undefined(bias_in);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor bias = cpu::contiguous_or_undefined(bias_in);
   at::Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(dtype, "causal_conv1d_update_cpu", [&] {
     const scalar_t *xs = x.data_ptr<scalar_t>(), *w = weight.data_ptr<scalar_t>();
-    const scalar_t* b = data_or_null<scalar_t>(bias);
+    const scalar_t* b = cpu::data_or_null<scalar_t>(bias);
     scalar_t *states = conv_state.data_ptr<scalar_t>(), *y = out.data_ptr<scalar_t>();
     at::parallel_for(0, batch * dims, kPairsPerTask, [&](int64_t first, int64_t last) {
       for (int64_t pair = first; pair < last; ++pair) {
@@ -111,7 +80,7 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x_in, at::Tensor& conv_sta
         window[width - 1] = xs[pair];
         scalar_t sum = b ? b[d] : scalar_t(0);
         for (int64_t k = 0; k < width; ++k) sum += w[d * width + k] * window[k];
-        y[pair] = silu_activation ? silu(sum) : sum;
+        y[pair] = silu_activation ? math::silu(sum) : sum;
       }
     });
   });
@@ -129,7 +98,7 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x_in,
   TORCH_CHECK(A_in.dim() == 2 && A_in.size(0) == dims, op, ": A must have shape (", dims, ", N), got ",
               A_in.sizes());
   const int64_t n = A_in.size(1);
-  check_dtype(op, "A", A_in, dtype);
+  cpu::check_dtype(op, "A", A_in, dtype);
   cpu::check_tensor(op, "dt", dt_in, {batch, dims}, dtype);
   TORCH_CHECK(B_in.dim() == 3 && B_in.size(0) == batch && B_in.size(1) > 0 && dims % B_in.size(1) == 0 &&
                   B_in.size(2) == n,
@@ -137,33 +106,33 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x_in,
   const int64_t groups = B_in.size(1);
   cpu::check_tensor(op, "B", B_in, {batch, groups, n}, dtype);
   cpu::check_tensor(op, "C", C_in, {batch, groups, n}, dtype);
-  check_optional(op, "D", D_in, {dims}, dtype);
-  check_optional(op, "z", z_in, {batch, dims}, dtype);
-  check_optional(op, "dt_bias", dt_bias_in, {dims}, dtype);
+  cpu::check_optional(op, "D", D_in, {dims}, dtype);
+  cpu::check_optional(op, "z", z_in, {batch, dims}, dtype);
+  cpu::check_optional(op, "dt_bias", dt_bias_in, {dims}, dtype);
   check_state(op, "state", state, {batch, dims, n}, dtype);
   const at::Tensor x = x_in.contiguous(), dt = dt_in.contiguous(), A = A_in.contiguous();
   const at::Tensor B = B_in.contiguous(), C = C_in.contiguous();
-  const at::Tensor D = contiguous_or_undefined(D_in), z = contiguous_or_undefined(z_in);
-  const at::Tensor dt_bias = contiguous_or_undefined(dt_bias_in);
+  const at::Tensor D = cpu::contiguous_or_undefined(D_in), z = cpu::contiguous_or_undefined(z_in);
+  const at::Tensor dt_bias = cpu::contiguous_or_undefined(dt_bias_in);
   at::Tensor out = at::empty_like(x);
   const int64_t channels_per_group = dims / groups;
   AT_DISPATCH_FLOATING_TYPES(dtype, "selective_state_update_cpu", [&] {
     const scalar_t *xs = x.data_ptr<scalar_t>(), *dts = dt.data_ptr<scalar_t>(), *a = A.data_ptr<scalar_t>();
     const scalar_t *bs = B.data_ptr<scalar_t>(), *cs = C.data_ptr<scalar_t>();
-    const scalar_t *skip = data_or_null<scalar_t>(D), *gate = data_or_null<scalar_t>(z);
-    const scalar_t* bias = data_or_null<scalar_t>(dt_bias);
+    const scalar_t *skip = cpu::data_or_null<scalar_t>(D), *gate = cpu::data_or_null<scalar_t>(z);
+    const scalar_t* bias = cpu::data_or_null<scalar_t>(dt_bias);
     scalar_t *h = state.data_ptr<scalar_t>(), *y = out.data_ptr<scalar_t>();
     at::parallel_for(0, batch * dims, kPairsPerTask, [&](int64_t first, int64_t last) {
       for (int64_t pair = first; pair < last; ++pair) {
         const int64_t b = pair / dims, d = pair % dims, g = d / channels_per_group;
         scalar_t step = dts[pair] + (bias ? bias[d] : scalar_t(0));
-        if (dt_softplus) step = softplus(step);
+        if (dt_softplus) step = math::softplus(step);
         const scalar_t drive = step * xs[pair];
         const scalar_t* b_row = bs + (b * groups + g) * n;
         const scalar_t* c_row = cs + (b * groups + g) * n;
         scalar_t sum = update_state(h + pair * n, a + d * n, b_row, c_row, step, drive, n);
         if (skip) sum += skip[d] * xs[pair];
-        y[pair] = gate ? sum * silu(gate[pair]) : sum;
+        y[pair] = gate ? sum * math::silu(gate[pair]) : sum;
       }
     });
   });
