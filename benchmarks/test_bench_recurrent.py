@@ -10,6 +10,7 @@ import functools
 import pytest
 import torch
 
+from benchmarks import report
 from benchmarks.suites import recurrent, selective
 from benchmarks.test_bench_scan import DEVICE, synchronized
 
@@ -18,7 +19,7 @@ RECURRENT_CASES = [recurrent.Case("fwd", 4, 64, 128, torch.float32, DEVICE),
                    recurrent.Case("step", 1, 1, 128, torch.float32, DEVICE)]
 
 
-@pytest.mark.parametrize("backend", ["torch.nn", *recurrent.BACKENDS[DEVICE.type]])
+@pytest.mark.parametrize("backend", ["torch.nn", *report.KERNEL_BACKENDS[DEVICE.type]])
 @pytest.mark.parametrize("case", RECURRENT_CASES, ids=lambda case: case.direction)
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_recurrent(benchmark, kind, case, backend):
@@ -36,7 +37,7 @@ SELECTIVE_CASE = selective.Case("fwd", (1, 64, 512, 16), torch.float32, DEVICE)
 SELECTIVE_INPUTS = selective.make_inputs(SELECTIVE_CASE)
 
 
-@pytest.mark.parametrize("backend", ["torch_loop", *selective.BACKENDS[DEVICE.type]])
+@pytest.mark.parametrize("backend", ["torch_loop", *report.KERNEL_BACKENDS[DEVICE.type]])
 @pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
 def test_selective(benchmark, direction, backend):
     if backend == "torch_loop":

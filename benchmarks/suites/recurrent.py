@@ -28,8 +28,6 @@ SECTION = "kernels"
 COLUMNS = speedup_columns("vs torch.nn", "speedup_vs_torch")
 LEGEND = "vs torch.nn: torch.nn's median / this median (above 1: rnnkern is faster)"
 
-BACKENDS = report.KERNEL_BACKENDS
-
 
 @dataclass(frozen=True)
 class Case:
@@ -62,7 +60,7 @@ def run_suite(kind: str, settings: Settings) -> list[dict[str, Any]]:
     for case in cases(settings.device, settings.quick):
         baseline = torch_module(kind, case)
         contenders, skipped = {"torch.nn": baseline}, []
-        for backend in BACKENDS[case.device.type]:
+        for backend in report.KERNEL_BACKENDS[case.device.type]:
             reason = refusal(kind, backend, case)
             if reason is not None:
                 skipped.append({**_identity(kind, backend, case), "skipped": reason})

@@ -29,8 +29,6 @@ SECTION = "kernels"
 COLUMNS = speedup_columns("vs loop", "speedup_vs_loop")
 LEGEND = "vs loop: torch_loop's median / this median (above 1: faster than the plain PyTorch loop)"
 
-BACKENDS = report.KERNEL_BACKENDS
-
 
 @dataclass(frozen=True)
 class Case:
@@ -56,7 +54,8 @@ def run(settings: Settings) -> list[dict[str, Any]]:
     for case in cases(settings.device, settings.quick):
         inputs = make_inputs(case)
         contenders = {"torch_loop": torch_loop}
-        contenders.update((name, functools.partial(rnnkern_scan, name)) for name in BACKENDS[case.device.type])
+        backends = report.KERNEL_BACKENDS[case.device.type]
+        contenders.update((name, functools.partial(rnnkern_scan, name)) for name in backends)
         peer = _mamba_ssm() if case.device.type == "cuda" else None
         if peer is not None:
             contenders["mamba_ssm"] = peer

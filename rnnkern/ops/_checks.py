@@ -21,6 +21,17 @@ def tensor(name: str, x, ndim: int, shape_doc: str) -> None:
         raise ValueError(f"{name} must have shape {shape_doc}, got shape {tuple(x.shape)}")
 
 
+def sequence(name: str, x, shape_doc: str, time_dim: int) -> tuple:
+    """`x` is a float tensor of the 3-D shape `shape_doc` (e.g. "(B, T, I)") with at least one step
+    along `time_dim`; returns its shape."""
+    tensor(name, x, ndim=3, shape_doc=shape_doc)
+    float_dtype(name, x)
+    if x.shape[time_dim] < 1:
+        time = shape_doc.strip("()").split(", ")[time_dim]
+        raise ValueError(f"{name} must have at least one time step ({time} >= 1), got shape {tuple(x.shape)}")
+    return tuple(x.shape)
+
+
 def float_dtype(name: str, x: Tensor) -> None:
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
@@ -34,6 +45,17 @@ def same(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
         raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
     if x.device != ref.device:
         raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
+
+
+def like(name: str, x, ref_name: str, ref: Tensor, shape_doc: str) -> None:
+    """`x` is a tensor of the form `shape_doc` with the shape, dtype and device of `ref`."""
+    tensor(name, x, ref.dim(), shape_doc)
+    same(name, x, ref_name, ref)
+
+
+def flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def state(name: str, x, ref: Tensor, shape: tuple, dtype: torch.dtype) -> None:

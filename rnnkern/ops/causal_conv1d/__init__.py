@@ -185,10 +185,7 @@ def causal_conv1d_update(
 
 def _validate(x, weight, bias, activation) -> Optional[str]:
     """Checks the arguments of causal_conv1d; returns the op's activation name."""
-    _checks.tensor("x", x, ndim=3, shape_doc="(B, D, L)")
-    _checks.float_dtype("x", x)
-    if x.shape[2] < 1:
-        raise ValueError(f"x must have at least one time step (L >= 1), got shape {tuple(x.shape)}")
+    _checks.sequence("x", x, "(B, D, L)", time_dim=2)
     _check_weights(x, weight, bias)
     return _activation(activation)
 

@@ -151,11 +151,7 @@ def gru_cell(
 
 def _validate(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
     """Checks every argument; returns (h0, lengths) with zeros for a missing state."""
-    _checks.tensor("x", x, ndim=3, shape_doc="(B, T, I)")
-    _checks.float_dtype("x", x)
-    batch, steps, features = x.shape
-    if steps < 1:
-        raise ValueError(f"x must have at least one time step (T >= 1), got shape {tuple(x.shape)}")
+    batch, steps, features = _checks.sequence("x", x, "(B, T, I)", time_dim=1)
     _checks.tensor("w_hh", w_hh, ndim=2, shape_doc="(3H, H)")
     hidden = w_hh.shape[1]
     _checks.parameter("w_hh", w_hh, (3 * hidden, hidden), x)
@@ -163,8 +159,7 @@ def _validate(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
     for name, bias in (("b_ih", b_ih), ("b_hh", b_hh)):
         if bias is not None:
             _checks.parameter(name, bias, (3 * hidden,), x)
-    if not isinstance(reverse, bool):
-        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+    _checks.flag("reverse", reverse)
     if lengths is not None:
         lengths = _checks.lengths(lengths, batch, steps, x.device)
     if h0 is None:

@@ -137,14 +137,9 @@ def linear_scan(
 
 
 def _validate(a, b, initial_state, reverse, cu_seqlens) -> None:
-    _checks.tensor("a", a, ndim=3, shape_doc="(B, T, D)")
-    _checks.tensor("b", b, ndim=3, shape_doc="(B, T, D)")
-    _checks.float_dtype("a", a)
-    _checks.same("b", b, "a", a)
-    if not isinstance(reverse, bool):
-        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
-    if a.shape[1] < 1:
-        raise ValueError(f"a must have at least one time step (T >= 1), got shape {tuple(a.shape)}")
+    _checks.sequence("a", a, "(B, T, D)", time_dim=1)
+    _checks.like("b", b, "a", a, "(B, T, D)")
+    _checks.flag("reverse", reverse)
     num_sequences = a.shape[0]
     if cu_seqlens is not None:
         num_sequences = _checks.cu_seqlens(cu_seqlens, a, total=a.shape[1])

@@ -167,11 +167,7 @@ def _combined_bias(b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Optional[T
 
 def _validate(x, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
     """Checks every argument; returns (h0, c0, lengths) with zeros for a missing state."""
-    _checks.tensor("x", x, ndim=3, shape_doc="(B, T, I)")
-    _checks.float_dtype("x", x)
-    batch, steps, features = x.shape
-    if steps < 1:
-        raise ValueError(f"x must have at least one time step (T >= 1), got shape {tuple(x.shape)}")
+    batch, steps, features = _checks.sequence("x", x, "(B, T, I)", time_dim=1)
     _checks.tensor("w_hh", w_hh, ndim=2, shape_doc="(4H, P)")
     if w_hh.shape[0] % 4:
         raise ValueError(f"w_hh must have shape (4H, P), got {tuple(w_hh.shape)} (first dim not a multiple of 4)")
@@ -185,8 +181,7 @@ def _validate(x, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
         _checks.parameter("w_hr", w_hr, (proj, hidden), x)
     elif proj != hidden:
         raise ValueError(f"w_hh has {proj} columns but the hidden size is {hidden}: pass w_hr ({proj}, {hidden})")
-    if not isinstance(reverse, bool):
-        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+    _checks.flag("reverse", reverse)
     if lengths is not None:
         lengths = _checks.lengths(lengths, batch, steps, x.device)
     if hx is None:

@@ -229,12 +229,12 @@ def _lstm_proj_step_kernel(
     step, B, T, H, P,
     REVERSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    offs_b, offs_p, mask_b, mask_p, _, lengths, active, rows = step_tile(
+    offs_b, offs_p, mask_b, mask_p, mask, lengths, active, rows = step_tile(
         lengths_ptr, step, B, T, P, REVERSE, BLOCK_B, BLOCK_N)  # [BLOCK_B], [BLOCK_N]
     h = mm(tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32), m_ptr + offs_b * H, 1, mask_b,
             w_hr_ptr + offs_p * H, 1, mask_p, H, BLOCK_K)  # [BLOCK_B, BLOCK_N]
     emit(h, active, offs_b[:, None] * P + offs_p[None, :], h_in_ptr, h_out_ptr, y_ptr,
-          rows[:, None] * P + offs_p[None, :], mask_b[:, None] & mask_p[None, :])
+          rows[:, None] * P + offs_p[None, :], mask)
 
 
 @triton.jit(do_not_specialize=["step"])

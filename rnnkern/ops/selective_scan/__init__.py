@@ -253,13 +253,8 @@ def _vector(v: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
 
 
 def _validate_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state):
-    _checks.tensor("u", u, ndim=3, shape_doc="(B, D, L)")
-    _checks.float_dtype("u", u)
-    batch, dims, length = u.shape
-    if length < 1:
-        raise ValueError(f"u must have at least one time step (L >= 1), got shape {tuple(u.shape)}")
-    _checks.tensor("delta", delta, ndim=3, shape_doc="(B, D, L)")
-    _checks.same("delta", delta, "u", u)
+    batch, dims, length = _checks.sequence("u", u, "(B, D, L)", time_dim=2)
+    _checks.like("delta", delta, "u", u, "(B, D, L)")
     n = _state_matrix(A, dims, u)
     for name, BC in (("B", B), ("C", C)):
         _input_matrix(name, BC, (batch, dims, n, length), u)
@@ -267,11 +262,9 @@ def _validate_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_l
     for name, v in (("D", D), ("delta_bias", delta_bias)):
         _channel_vector(name, v, dims, u)
     if z is not None:
-        _checks.tensor("z", z, ndim=3, shape_doc="(B, D, L)")
-        _checks.same("z", z, "u", u)
-    for name, flag in (("delta_softplus", delta_softplus), ("return_last_state", return_last_state)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        _checks.like("z", z, "u", u, "(B, D, L)")
+    _checks.flag("delta_softplus", delta_softplus)
+    _checks.flag("return_last_state", return_last_state)
     if initial_state is not None:
         _checks.state("initial_state", initial_state, u, (batch, dims, n), state_dtype(u.dtype))
 
@@ -280,8 +273,7 @@ def _validate_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     _checks.tensor("x", x, ndim=2, shape_doc="(B, D)")
     _checks.float_dtype("x", x)
     batch, dims = x.shape
-    _checks.tensor("dt", dt, ndim=2, shape_doc="(B, D)")
-    _checks.same("dt", dt, "x", x)
+    _checks.like("dt", dt, "x", x, "(B, D)")
     n = _state_matrix(A, dims, x)
     _checks.state("state", state, x, (batch, dims, n), state_dtype(x.dtype))
     for name, BC in (("B", B), ("C", C)):
@@ -290,10 +282,8 @@ def _validate_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     for name, v in (("D", D), ("dt_bias", dt_bias)):
         _channel_vector(name, v, dims, x)
     if z is not None:
-        _checks.tensor("z", z, ndim=2, shape_doc="(B, D)")
-        _checks.same("z", z, "x", x)
-    if not isinstance(dt_softplus, bool):
-        raise TypeError(f"dt_softplus must be a bool, got {type(dt_softplus).__name__}")
+        _checks.like("z", z, "x", x, "(B, D)")
+    _checks.flag("dt_softplus", dt_softplus)
 
 
 def _state_matrix(A, dims: int, ref: Tensor) -> int:
