@@ -110,7 +110,7 @@ def linear_scan(
             ``B == 1``, starting at 0, non-decreasing and ending at T; the recurrence
             restarts at every boundary.
         output_final_state: also return the state after each sequence's last step.
-        backend: force ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"`` (also settable
+        backend: force ``"reference"``, ``"cpu"`` or ``"triton"`` (also settable
             with the ``RNNKERN_BACKEND`` environment variable); by default the fastest
             backend that supports the input.
 

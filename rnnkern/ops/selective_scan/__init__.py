@@ -152,7 +152,7 @@ def selective_scan(
         delta_bias: ``(D,)`` added to delta, or None. delta_softplus: apply softplus to delta.
         return_last_state: also return the state after the last step.
         initial_state: ``(B, D, N)`` in u's dtype or the state dtype; zeros when None.
-        backend: force ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"`` (see
+        backend: force ``"reference"``, ``"cpu"`` or ``"triton"`` (see
             :func:`rnnkern.linear_scan`).
 
     Returns:
