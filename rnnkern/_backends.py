@@ -53,12 +53,29 @@ class Op:
         """The kernel `name` (one of `functions`) of `backend`."""
         source = self.kernels[backend]
         namespace = torch.ops.rnnkern_C if source == COMPILED else importlib.import_module(source)
-        return getattr(namespace, name)
+        function = getattr(namespace, name)
+        return _on_inputs_device(function) if backend == "triton" else function
 
     def refusal(self, backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         """Why `backend` cannot run this op on inputs of `device` and `dtype`, or None if it can."""
         return (unavailable_reason(backend) or device_reason(backend, device)
                 or _op_reason(self, backend, dtype))
+
+
+def _on_inputs_device(launcher: Callable) -> Callable:
+    """`launcher` run with the device of its first tensor argument current: a Triton kernel
+    launches on the current CUDA device, which need not be the inputs' (tensors on cuda:1
+    while cuda:0 is current)."""
+
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is None or not first.is_cuda:
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return launcher(*args, **kwargs)
+
+    return launch
 
 
 def triton_interpreted() -> bool:

@@ -4,6 +4,7 @@ per-sequence time indexing, and the tile sizes of the recurrences' two paths (pe
 alternating, see rnnkern/ops/lstm/triton.py)."""
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -119,6 +120,13 @@ def alternating_grid(batch: int, columns: int) -> tuple[tuple[int, int], int]:
     """Grid and sequence tile of an alternating kernel over (batch, columns)."""
     block_b = min(32, padded(batch))
     return (triton.cdiv(batch, block_b), triton.cdiv(columns, BLOCK_N)), block_b
+
+
+def dot_precision() -> str:
+    """How fp32 tl.dot operands multiply: "tf32" where torch lets fp32 matmuls use TF32
+    (``torch.backends.cuda.matmul.allow_tf32``, which ``torch.set_float32_matmul_precision``
+    "high"/"medium" also sets), else "ieee" (torch's default), as cuBLAS does."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 PATHS = ("persistent", "alternating")
