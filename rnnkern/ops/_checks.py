@@ -80,12 +80,17 @@ def cu_seqlens(cu: Tensor, x: Tensor, total: int) -> int:
         raise ValueError(f"cu_seqlens must be on {x.device}, got {cu.device}")
     if x.shape[0] != 1:
         raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along time), got {x.shape[0]}")
-    if not torch.compiler.is_compiling():  # values are data: only checkable eagerly
-        bounds = cu.tolist()
-        if bounds[0] != 0 or bounds[-1] != total:
-            raise ValueError(f"cu_seqlens must start at 0 and end at T={total}, got {bounds[0]} ... {bounds[-1]}")
-        if any(later < earlier for earlier, later in zip(bounds, bounds[1:])):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+    if torch.compiler.is_compiling():  # values are data: only checkable eagerly
+        return cu.shape[0] - 1
+    if cu.is_cuda:  # checked on the device: reading the values would wait for the GPU
+        valid = (cu[0] == 0) & (cu[-1] == total) & (cu[1:] >= cu[:-1]).all()
+        torch._assert_async(valid, f"cu_seqlens must start at 0, end at T={total} and be non-decreasing")
+        return cu.shape[0] - 1
+    bounds = cu.tolist()
+    if bounds[0] != 0 or bounds[-1] != total:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T={total}, got {bounds[0]} ... {bounds[-1]}")
+    if any(later < earlier for earlier, later in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
     return cu.shape[0] - 1
 
 
@@ -106,11 +111,19 @@ def lengths(lengths, batch: int, steps: int, device: torch.device) -> Tensor:
         raise TypeError(f"lengths must be int32 or int64, got {lengths.dtype}")
     if tuple(lengths.shape) != (batch,):
         raise ValueError(f"lengths must have shape ({batch},), got {tuple(lengths.shape)}")
-    if not torch.compiler.is_compiling() and batch > 0:
-        low, high = int(lengths.min()), int(lengths.max())
-        if low < 0 or high > steps:
-            raise ValueError(f"lengths must lie in [0, T={steps}], got values in [{low}, {high}]")
-    return lengths.to(device=device, dtype=torch.int64)
+    if not torch.compiler.is_compiling() and batch > 0:  # values are data: only checkable eagerly
+        _lengths_in_range(lengths, steps)
+    # host lengths for device inputs: staged at once, without waiting for the GPU's queued work
+    return lengths.to(device=device, dtype=torch.int64, non_blocking=True)
+
+
+def _lengths_in_range(lengths: Tensor, steps: int) -> None:
+    if lengths.is_cuda:  # checked on the device: reading the values would wait for the GPU
+        torch._assert_async(((lengths >= 0) & (lengths <= steps)).all(), f"lengths must lie in [0, T={steps}]")
+        return
+    low, high = int(lengths.min()), int(lengths.max())
+    if low < 0 or high > steps:
+        raise ValueError(f"lengths must lie in [0, T={steps}], got values in [{low}, {high}]")
 
 
 def _exact_shape(name: str, x, shape: tuple) -> None:

@@ -133,6 +133,59 @@ def test_packed_sequences_equal_separate_runs(device, backend, reverse, index_dt
     assert_all_close(packed, expected, torch.float32)
 
 
+def launcher_results(module, a, b, h0, cu_seqlens, reverse, **kwargs):
+    """h, the final state and the gradients from a backend module's launchers, called directly."""
+    gen = torch.Generator().manual_seed(5)
+    dh = torch.randn(a.shape, generator=gen).to(a.dtype)
+    dfinal = torch.randn(h0.shape, generator=gen)
+    h, final = module.linear_scan_fwd(a, b, h0, cu_seqlens, reverse, **kwargs)
+    grads = module.linear_scan_bwd(a, h, h0, dh, dfinal, cu_seqlens, reverse, **kwargs)
+    return dict(zip(["h", "final_state", "grad_a", "grad_b", "grad_initial_state"], [h, final, *grads]))
+
+
+@pytest.mark.parametrize("chunks", [1, 3], ids=["one-chunk", "three-chunks"])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_triton_over_time_tiles_channel_blocks_and_chunks(reverse, packed, chunks):
+    """Several programs along every grid axis: 2 sequences x 2 channel blocks (D=40 in blocks
+    of 32, the last ragged) x chunks of 2 time tiles, packed sequences ending mid-chunk."""
+    triton_scan = pytest.importorskip("rnnkern.ops.linear_scan.triton", reason="triton is not installed")
+    from rnnkern.ops.linear_scan import reference
+
+    T, D = 300, 40
+    cu_seqlens = torch.tensor([0, 150, T], dtype=torch.int32) if packed else None
+    a, b, h0 = make_inputs((1 if packed else 2, T, D), torch.float32, "cpu", gates=(-1.0, 1.0), num_states=2)
+    block_d, num_chunks, _ = triton_scan.plan(2, T, D, a.device, chunks)
+    assert (-(-D // block_d), num_chunks) == (2, chunks)
+    actual = launcher_results(triton_scan, a, b, h0, cu_seqlens, reverse, chunks=chunks)
+    expected = launcher_results(reference, a, b, h0, cu_seqlens, reverse)
+    assert_all_close(actual, expected, torch.float32)
+
+
+def test_triton_splits_sequences_only_where_the_grid_is_small():
+    triton_scan = pytest.importorskip("rnnkern.ops.linear_scan.triton", reason="triton is not installed")
+    meta = torch.device("meta")  # no CUDA device to ask: the plan aims at an H100's 132 SMs
+    assert triton_scan.plan(8, 4096, 1536, meta)[1] == 1  # 384 programs already
+    assert triton_scan.plan(8, 4096, 1536, meta, chunks=4)[1] == 4
+    _, num_chunks, chunk = triton_scan.plan(1, 65536, 256, meta)  # 8 programs
+    assert 8 * num_chunks in range(200, 265) and chunk * num_chunks >= 65536 and chunk % triton_scan.BLOCK_T == 0
+    assert triton_scan.plan(1, 300, 256, meta)[1] == 2  # never below MIN_CHUNK steps a chunk
+    assert triton_scan.plan(1, 200, 256, meta)[1] == 1
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_channel_offsets_past_2_31(device, backend):
+    """A (1, T, 3) view of a 4 GiB buffer whose third channel starts 2**31 + 2 elements in:
+    offsets computed in 32 bits would wrap. Only the view's few pages are ever touched."""
+    T, stride = 5, 2**30 + 1
+    storage = torch.empty(2 * stride + T, dtype=torch.bfloat16, device=device)
+    a = storage.as_strided((1, T, 3), (3 * stride, 1, stride))
+    dense, b, h0 = make_inputs((1, T, 3), torch.bfloat16, device)
+    a.copy_(dense)
+    assert a.stride(2) * (a.shape[2] - 1) >= 2**31
+    assert_all_close(run(backend, a, b, h0), run("reference", dense, b, h0), torch.bfloat16)
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_single_step(device, backend):
     a, b, h0 = make_inputs((3, 1, 6), torch.float32, device)

@@ -7,6 +7,7 @@ alternating: per step, one kernel computes h_{t-1} W_hh^T + b_hh for a tile of (
 hidden units) fused with the gate math; the backward runs per step one kernel for the
 gate gradients and one for dh_{t-1} = dh_t z + d_gh W_hh.
 """
+import functools
 from typing import Optional
 
 import torch
@@ -278,22 +279,25 @@ def gru_layer_bwd(w_hh, gates, ghn, h_prev, grad_y, grad_h_n, lengths, reverse, 
     return d_gx, d_gh, dh
 
 
-def aot_specs():
-    """(kernel, argument types, constexprs) cases for the ahead-of-time compile check."""
-    cases = (("fp32", True, False, PERSISTENT_MAX, 32, True), ("bf16", True, True, PERSISTENT_MAX, 32, False),
-             ("fp16", False, True, 16, 16, True))
-    for dtype, bias, reverse, hidden, block_b, keep in cases:
-        x = f"*{dtype}"
-        types = {
-            "gx_ptr": x, "h0_ptr": x, "w_hh_ptr": x, "b_hh_ptr": x, "lengths_ptr": "*i64", "y_ptr": x,
-            "h_n_ptr": x, "gates_ptr": "*fp32", "ghn_ptr": "*fp32", "h_prev_ptr": x, "grad_y_ptr": x,
-            "grad_h_n_ptr": "*fp32", "d_gx_ptr": "*fp32", "d_gh_ptr": "*fp32", "d_h0_ptr": "*fp32",
-            "h_in_ptr": x, "h_out_ptr": x, "dh_ptr": "*fp32", "step": "i32", "B": "i32", "T": "i32", "H": "i32",
-        }
-        persistent = dict(REVERSE=reverse, BLOCK_B=BLOCK_B_PERSISTENT, BLOCK_H=hidden)
-        alternating = dict(REVERSE=reverse, BLOCK_B=block_b, BLOCK_N=BLOCK_N)
-        yield _gru_fwd_persistent_kernel, types, {**persistent, "HAS_BIAS": bias, "KEEP": keep}
-        yield _gru_bwd_persistent_kernel, types, persistent
-        yield _gru_fwd_step_kernel, types, {**alternating, "HAS_BIAS": bias, "KEEP": keep, "BLOCK_K": BLOCK_K}
-        yield _gru_bwd_step_kernel, types, alternating
-        yield _gru_bwd_hidden_kernel, types, {**alternating, "BLOCK_K": BLOCK_K}
+def aot_problems():
+    """Launcher calls on meta tensors of realistic shapes (see rnnkern.aot): both paths, with
+    and without a bias, packed and reversed, training and inference."""
+    for dtype in (torch.bfloat16, torch.float32):
+        for batch, hidden in ((16, 64), (64, 48), (16, 256), (64, 768), (16, 1024)):
+            yield functools.partial(_forward_and_backward, batch, hidden, dtype)
+        yield functools.partial(_forward_and_backward, 16, 768, dtype, reverse=True, packed=True, bias=False)
+        yield functools.partial(_forward_and_backward, 1, 1024, dtype, training=False)
+    yield functools.partial(_forward_and_backward, 16, 768, torch.float16)
+    yield functools.partial(_forward_and_backward, 16, 32, torch.float16, reverse=True)
+
+
+def _forward_and_backward(batch, hidden, dtype, reverse=False, packed=False, bias=True, training=True, steps=4):
+    meta = dict(device="meta", dtype=dtype)
+    gx, h0 = torch.empty((batch, steps, 3 * hidden), **meta), torch.empty((batch, hidden), **meta)
+    w_hh = torch.empty((3 * hidden, hidden), **meta)
+    b_hh = torch.empty(3 * hidden, **meta) if bias else None
+    lengths = torch.empty(batch, device="meta", dtype=torch.int64) if packed else None
+    y, h_n, gates, ghn = gru_layer_fwd(gx, h0, w_hh, b_hh, lengths, reverse, training)
+    if training:
+        gru_layer_bwd(w_hh, gates, ghn, torch.empty_like(y), torch.empty_like(y), torch.empty_like(h_n), lengths,
+                      reverse)

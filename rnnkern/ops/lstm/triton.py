@@ -19,6 +19,7 @@ fp32 (no TF32), as the reference does. The rows of sequence b at step s sit at t
 lengths[b]-1-s when reversed; past the end of a sequence a step stays at time s, writes
 zeros and leaves the state alone, so every time index of every output is written once.
 """
+import functools
 from typing import Optional
 
 import torch
@@ -375,27 +376,27 @@ def lstm_layer_bwd(w_hh, w_hr, c0, gates, cells, grad_y, grad_h_n, grad_c_n, len
     return d_gates, d_h, dh, dc
 
 
-def aot_specs():
-    """(kernel, argument types, constexprs) cases for the ahead-of-time compile check."""
-    sizes = {name: "i32" for name in ("step", "B", "T", "H", "P")}
-    largest = dict(BLOCK_B=BLOCK_B_PERSISTENT, BLOCK_H=PERSISTENT_MAX, BLOCK_P=PERSISTENT_MAX)
-    for dtype, proj, reverse, block_b, keep in (("fp32", True, False, 32, True), ("bf16", True, True, 32, False),
-                                                ("fp16", False, True, 16, True)):
-        x = f"*{dtype}"
-        flags = dict(REVERSE=reverse)
-        alternating = dict(BLOCK_B=block_b, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-        types = {
-            "gx_ptr": x, "h0_ptr": x, "c0_ptr": x, "w_hh_ptr": x, "w_hr_ptr": x, "lengths_ptr": "*i64",
-            "y_ptr": x, "h_n_ptr": x, "c_n_ptr": x, "gates_ptr": "*fp32", "cells_ptr": "*fp32",
-            "grad_y_ptr": x, "grad_h_n_ptr": "*fp32", "grad_c_n_ptr": "*fp32", "d_gates_ptr": "*fp32",
-            "d_h_ptr": "*fp32", "d_h0_ptr": "*fp32", "d_c0_ptr": "*fp32",
-            "h_in_ptr": x, "h_out_ptr": x, "c_ptr": "*fp32", "m_ptr": x, "dh_ptr": "*fp32", "dc_ptr": "*fp32",
-            **sizes,
-        }
-        yield _lstm_fwd_persistent_kernel, types, {**flags, "HAS_PROJ": proj, "KEEP": keep, **largest}
-        yield _lstm_bwd_persistent_kernel, types, {**flags, "HAS_PROJ": proj, **largest}
-        yield _lstm_fwd_step_kernel, types, {**flags, "HAS_PROJ": proj, "KEEP": keep, **alternating}
-        yield _lstm_bwd_step_kernel, types, {**flags, "HAS_PROJ": proj, **alternating}
-        yield _lstm_bwd_hidden_kernel, types, {**flags, **alternating}
-        if proj:
-            yield _lstm_proj_step_kernel, types, {**flags, **alternating}
+def aot_problems():
+    """Launcher calls on meta tensors of realistic shapes (see rnnkern.aot): both paths, with
+    and without a projection, packed and reversed, training and inference."""
+    for dtype in (torch.bfloat16, torch.float32):
+        for batch, hidden, proj in ((16, 64, 0), (64, 48, 32), (16, 256, 0), (64, 768, 0), (16, 1024, 256)):
+            yield functools.partial(_forward_and_backward, batch, hidden, proj, dtype)
+        yield functools.partial(_forward_and_backward, 16, 768, 0, dtype, reverse=True, packed=True)
+        yield functools.partial(_forward_and_backward, 1, 1024, 256, dtype, training=False)
+    yield functools.partial(_forward_and_backward, 16, 768, 0, torch.float16)
+    yield functools.partial(_forward_and_backward, 16, 32, 0, torch.float16, reverse=True)
+
+
+def _forward_and_backward(batch, hidden, proj, dtype, reverse=False, packed=False, training=True, steps=4):
+    meta = dict(device="meta", dtype=dtype)
+    P = proj or hidden
+    gx = torch.empty((batch, steps, 4 * hidden), **meta)
+    h0, c0 = torch.empty((batch, P), **meta), torch.empty((batch, hidden), **meta)
+    w_hh = torch.empty((4 * hidden, P), **meta)
+    w_hr = torch.empty((P, hidden), **meta) if proj else None
+    lengths = torch.empty(batch, device="meta", dtype=torch.int64) if packed else None
+    y, h_n, c_n, gates, cells = lstm_layer_fwd(gx, h0, c0, w_hh, w_hr, lengths, reverse, training)
+    if training:
+        lstm_layer_bwd(w_hh, w_hr, c0, gates, cells, torch.empty_like(y), torch.empty_like(h_n),
+                       torch.empty_like(c_n), lengths, reverse)

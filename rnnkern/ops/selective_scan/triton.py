@@ -21,6 +21,8 @@ sequence; variable B/C by the channels of a group) are added atomically into fp3
 B and C of group g are read by channels [g Dm/G, (g+1) Dm/G); when every channel block lies
 inside one group (GROUP_ALIGNED), a program sums its channels before one atomic per step.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -339,26 +341,31 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state
 
 
-def aot_specs():
-    """(kernel, argument types, constexprs) cases for the ahead-of-time compile check."""
-    sizes = {name: "i32" for name in ("Dm", "L", "N", "G_B", "G_C", "group_size_b", "group_size_c", "num_chunks")}
-    f32 = "*fp32"
-    for dtype, b_dtype, variable, options, block_n in (
-        ("fp32", "fp32", (True, True), True, 16),
-        ("bf16", "bf16", (False, False), False, 16),
-        ("fp16", "fp32", (True, False), True, 4),
-    ):
-        x = f"*{dtype}"
-        types = {
-            "u_ptr": x, "delta_ptr": x, "A_ptr": f32, "B_ptr": f"*{b_dtype}", "C_ptr": f"*{b_dtype}", "D_ptr": f32,
-            "z_ptr": x, "delta_bias_ptr": f32, "h0_ptr": f32, "out_ptr": x, "last_ptr": f32,
-            "checkpoints_ptr": f32, "grad_out_ptr": x, "grad_last_ptr": f32, "scratch_ptr": f32,
-            **{f"{name}_ptr": f32 for name in ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dh0")},
-            **sizes,
-        }
-        block_d, _ = blocks(4096, block_n)
-        flags = dict(HAS_D=options, HAS_Z=options, HAS_DELTA_BIAS=options, DELTA_SOFTPLUS=options,
-                     B_VARIABLE=variable[0], C_VARIABLE=variable[1])
-        shape = dict(CHUNK=CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
-        yield _selective_scan_fwd_kernel, types, {**flags, "HAS_INITIAL": options, "TRAINING": options, **shape}
-        yield _selective_scan_bwd_kernel, types, {**flags, "GROUP_ALIGNED": dtype == "fp32", **shape}
+def aot_problems():
+    """Launcher calls on meta tensors of realistic shapes (see rnnkern.aot): Mamba blocks of
+    d_inner 1536/2560/5120 (z, D, delta_bias, softplus, B and C per step shared by the
+    channels), batch 8 and 1, grouped and fixed B/C, inference."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for channels in (1536, 2560, 5120):
+            yield functools.partial(_forward_and_backward, 8, channels, dtype)
+        yield functools.partial(_forward_and_backward, 1, 2560, dtype)
+    yield functools.partial(_forward_and_backward, 8, 2560, torch.bfloat16, groups=2)
+    yield functools.partial(_forward_and_backward, 8, 1536, torch.float32, groups=None, mamba=False)
+    yield functools.partial(_forward_and_backward, 1, 5120, torch.bfloat16, training=False, initial=True)
+
+
+def _forward_and_backward(batch, channels, dtype, groups=1, mamba=True, training=True, initial=False, length=64,
+                          state=16):
+    meta = dict(device="meta", dtype=dtype)
+    u, delta = torch.empty((batch, channels, length), **meta), torch.empty((batch, channels, length), **meta)
+    A = torch.empty((channels, state), device="meta", dtype=torch.float32)
+    bc_shape = (channels, state) if groups is None else (batch, groups, state, length)
+    B, C = torch.empty(bc_shape, **meta), torch.empty(bc_shape, **meta)
+    D = torch.empty(channels, device="meta", dtype=torch.float32) if mamba else None
+    z = torch.empty((batch, channels, length), **meta) if mamba else None
+    delta_bias = torch.empty(channels, device="meta", dtype=torch.float32) if mamba else None
+    h0 = torch.empty((batch, channels, state), device="meta", dtype=torch.float32) if initial else None
+    out, last, checkpoints = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, mamba, h0, training)
+    if training:
+        selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, mamba, h0, checkpoints, torch.empty_like(out),
+                           torch.empty_like(last))

@@ -1,0 +1,146 @@
+"""Every Triton kernel variant the launchers pick for realistic shapes runs in the interpreter.
+
+rnnkern.aot records the launches of each Triton module's ``aot_problems()``: realistic shapes
+(Mamba d_inner 1536-5120, LSTM/GRU hidden 256-1024 and the on-chip sizes, bf16/fp16/fp32) on
+meta tensors. A variant is a kernel with its constexprs (flags, block sizes, the path). Each
+must be launched by one of the small cases below, which run the op through the triton backend
+in the interpreter against the reference, forward and backward; and each is one of the cases
+rnnkern.aot compiles (ladder step 4)."""
+import functools
+
+import pytest
+import torch
+
+import rnnkern
+from rnnkern import aot
+from tests.tolerances import assert_close
+
+pytest.importorskip("triton", reason="triton is not installed: no Triton kernels")
+
+REALISTIC = {launch.variant: name for name, launch in aot.named_launches() if "#" not in name}
+
+
+def _random(gen, *shape, dtype=torch.float32, low=None, high=None):
+    x = torch.rand(shape, generator=gen, dtype=torch.float64) if low is not None else \
+        torch.randn(shape, generator=gen, dtype=torch.float64)
+    if low is not None:
+        x = low + (high - low) * x
+    return x.to(dtype)
+
+
+def _compare(run, inputs: list, dtype, training: bool = True) -> None:
+    """run(backend, *inputs) -> tuple of outputs: triton against reference, the outputs and
+    (when training) the gradients of every floating input under fixed cotangents."""
+    if not training:
+        with torch.no_grad():
+            results = [run(backend, *inputs) for backend in ("triton", "reference")]
+        for index, (actual, expected) in enumerate(zip(*results)):
+            assert_close(actual, expected, dtype, f"output {index}")
+        return
+    results = {}
+    for backend in ("triton", "reference"):
+        leaves = [x.detach().requires_grad_(x.is_floating_point()) if x is not None else None for x in inputs]
+        outputs = run(backend, *leaves)
+        gen = torch.Generator().manual_seed(7)
+        cotangents = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in outputs]
+        differentiable = [x for x in leaves if x is not None and x.requires_grad]
+        grads = torch.autograd.grad(outputs, differentiable, cotangents, allow_unused=True)
+        results[backend] = list(outputs) + [g for g in grads if g is not None]
+    for index, (actual, expected) in enumerate(zip(results["triton"], results["reference"])):
+        assert_close(actual, expected, dtype, f"output/gradient {index}")
+
+
+# --- the small cases -----------------------------------------------------------------------
+
+
+def linear_scan_case(batch, steps, dim, reverse=False, initial=True, sequences=None, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    a = _random(gen, batch, steps, dim, low=0.5, high=1.0, dtype=dtype)
+    b = _random(gen, batch, steps, dim, dtype=dtype)
+    cu_seqlens = None
+    if sequences:
+        cu_seqlens = torch.linspace(0, steps, sequences + 1).round().to(torch.int32)
+    h0 = _random(gen, sequences or batch, dim) if initial else None
+
+    def run(backend, a, b, h0):
+        return rnnkern.linear_scan(a, b, h0, reverse=reverse, cu_seqlens=cu_seqlens, output_final_state=True,
+                                   backend=backend)
+
+    _compare(run, [a, b, h0], dtype)
+
+
+def recurrence_case(kind, batch, steps, hidden, proj=0, reverse=False, packed=False, bias=True, training=True,
+                    dtype=torch.float32):
+    gen = torch.Generator().manual_seed(1)
+    gates, features, p = (4 if kind == "lstm" else 3), 8, proj or hidden
+    x = _random(gen, batch, steps, features, dtype=dtype)
+    w_ih, w_hh = (_random(gen, gates * hidden, n, dtype=dtype) * 0.3 for n in (features, p))
+    b_ih, b_hh = (_random(gen, gates * hidden, dtype=dtype) * 0.1 if bias else None for _ in range(2))
+    w_hr = _random(gen, proj, hidden, dtype=dtype) * 0.3 if proj else None
+    h0 = _random(gen, batch, p, dtype=dtype)
+    c0 = _random(gen, batch, hidden, dtype=dtype) if kind == "lstm" else None
+    lengths = torch.randint(1, steps + 1, (batch,), generator=gen) if packed else None
+
+    def run(backend, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0):
+        if kind == "lstm":
+            y, (h, c) = rnnkern.lstm_layer(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, w_hr, lengths=lengths,
+                                           reverse=reverse, backend=backend)
+            return y, h, c
+        return rnnkern.gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse, backend=backend)
+
+    _compare(run, [x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0], dtype, training)
+
+
+def selective_scan_case(batch, channels, length, groups=1, mamba=True, training=True, initial=False,
+                        dtype=torch.float32, state=16):
+    gen = torch.Generator().manual_seed(2)
+    u = _random(gen, batch, channels, length, dtype=dtype)
+    delta = _random(gen, batch, channels, length, low=-3.0, high=-1.0, dtype=dtype)
+    A = -_random(gen, channels, state, low=0.5, high=2.0)
+    bc = (channels, state) if groups is None else (batch, groups, state, length)
+    B, C = _random(gen, *bc, dtype=dtype), _random(gen, *bc, dtype=dtype)
+    D = _random(gen, channels) if mamba else None
+    z = _random(gen, batch, channels, length, dtype=dtype) if mamba else None
+    delta_bias = _random(gen, channels, low=-1.0, high=0.0) if mamba else None
+    h0 = _random(gen, batch, channels, state) if initial else None
+
+    def run(backend, u, delta, A, B, C, D, z, delta_bias, h0):
+        out, last = rnnkern.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=mamba,
+                                           initial_state=h0, return_last_state=True, backend=backend)
+        return out, last
+
+    _compare(run, [u, delta, A, B, C, D, z, delta_bias, h0], dtype, training)
+
+
+SMALL_CASES = {
+    # linear scan: one chunk (a short sequence), split sequences (a long one on a small grid)
+    "linear_scan": functools.partial(linear_scan_case, 2, 100, 40),
+    "linear_scan_split": functools.partial(linear_scan_case, 1, 600, 40),
+    "linear_scan_split_reverse": functools.partial(linear_scan_case, 1, 600, 40, reverse=True, initial=False),
+    "linear_scan_packed_split": functools.partial(linear_scan_case, 1, 600, 40, sequences=3),
+    "linear_scan_packed": functools.partial(linear_scan_case, 1, 200, 40, sequences=3, reverse=True),
+}
+
+
+# --- the check -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def interpreted_variants() -> dict:
+    """variant -> the small case that launched it, from running every small case."""
+    launched = {}
+    for name, case in SMALL_CASES.items():
+        with aot.recording(run=True) as launches:
+            case()
+        for launch in launches:
+            launched.setdefault(launch.variant, name)
+    return launched
+
+
+@pytest.mark.slow  # runs every small case in the interpreter: a few minutes
+@pytest.mark.parametrize("variant", list(REALISTIC), ids=list(REALISTIC.values()))
+def test_realistic_variant_runs_in_the_interpreter(interpreted_variants, variant):
+    """(tests/test_aot.py compiles the same variants, by the same names.)"""
+    launched = [dict(constexprs) for kernel, constexprs in interpreted_variants if kernel == variant[0]]
+    assert variant in interpreted_variants, (
+        f"{REALISTIC[variant]}: no small case launches it; the small cases launch {variant[0]} with {launched}")
