@@ -1,0 +1,145 @@
+"""What only a CUDA device shows (ladder step 6): launches on the inputs' device, no host
+syncs in an op call, decode steps captured in a CUDA graph. Skipped without CUDA; the rest of
+the suite also runs on cuda tensors there (tests/conftest.py)."""
+import pytest
+import torch
+
+import rnnkern
+from tests.tolerances import assert_close
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _randn(*shape, device, dtype=torch.float32, scale=1.0):
+    return (torch.randn(shape, dtype=torch.float64) * scale).to(device, dtype)
+
+
+def _every_sequence_op(device):
+    """(name, thunk) per sequence op on `device`, with packed lengths / cu_seqlens on the
+    device; each thunk runs forward and backward and returns the outputs and gradients."""
+    torch.manual_seed(0)
+
+    def grads(outputs, leaves):
+        outputs = [o for o in outputs if o.requires_grad]
+        return list(outputs) + list(torch.autograd.grad([o.float().sum() for o in outputs], leaves))
+
+    def linear_scan():
+        a = torch.rand(1, 600, 64, device=device).requires_grad_()
+        b = _randn(1, 600, 64, device=device).requires_grad_()
+        cu_seqlens = torch.tensor([0, 100, 600], device=device, dtype=torch.int32)
+        h, final = rnnkern.linear_scan(a, b, cu_seqlens=cu_seqlens, output_final_state=True)
+        return grads([h, final], [a, b])
+
+    def selective_scan():
+        u, delta = _randn(2, 64, 300, device=device).requires_grad_(), _randn(2, 64, 300, device=device)
+        A = -torch.rand(64, 16, device=device)
+        B, C = _randn(2, 1, 16, 300, device=device), _randn(2, 1, 16, 300, device=device)
+        out, last = rnnkern.selective_scan(u, delta.requires_grad_(), A, B, C, delta_softplus=True,
+                                           return_last_state=True)
+        return grads([out, last], [u, delta])
+
+    def recurrence(layer, gates, hidden):
+        def run():
+            x = _randn(4, 50, 8, device=device).requires_grad_()
+            w_ih, w_hh = _randn(gates * hidden, 8, device=device, scale=0.3), _randn(gates * hidden, hidden,
+                                                                                     device=device, scale=0.1)
+            lengths = torch.tensor([50, 3, 17, 1], device=device)
+            y, _ = layer(x, None, w_ih, w_hh, lengths=lengths)
+            return grads([y], [x])
+        return run
+
+    return [("linear_scan", linear_scan), ("selective_scan", selective_scan),
+            ("lstm_persistent", recurrence(rnnkern.lstm_layer, 4, 32)),
+            ("lstm_alternating", recurrence(rnnkern.lstm_layer, 4, 96)),
+            ("gru_persistent", recurrence(rnnkern.gru_layer, 3, 32)),
+            ("gru_alternating", recurrence(rnnkern.gru_layer, 3, 96))]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("index", range(6), ids=[name for name, _ in _every_sequence_op("cpu")])
+def test_launches_run_on_the_inputs_device(index):
+    """Tensors on cuda:1 while cuda:0 is current give cuda:1's results of the same op."""
+    name, on_second = _every_sequence_op("cuda:1")[index]
+    torch.cuda.set_device(0)
+    actual = on_second()
+    with torch.cuda.device(1):
+        expected = _every_sequence_op("cuda:1")[index][1]()
+    for a, e in zip(actual, expected):
+        assert a.device == torch.device("cuda:1")
+        assert_close(a, e, torch.float32, name)
+
+
+@pytest.mark.parametrize("index", range(6), ids=[name for name, _ in _every_sequence_op("cpu")])
+def test_an_op_call_never_waits_for_the_gpu(index):
+    """No host sync in forward and backward (lengths and cu_seqlens are checked on the device):
+    torch's sync debug mode makes any synchronising call an error."""
+    name, run = _every_sequence_op("cuda")[index]
+    run()  # compile first: the sync check is about the calls, not Triton's first load
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _decode_steps(device):
+    """(name, inputs, step) per one-token op: step(*inputs) -> output, updating states in place."""
+    batch, dim, state, width = 2, 64, 16, 4
+
+    def selective_update(state_, x, dt, A, B, C, D, z, dt_bias):
+        return rnnkern.selective_state_update(state_, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
+
+    def conv_update(x, conv_state, weight, bias):
+        return rnnkern.causal_conv1d_update(x, conv_state, weight, bias, activation="silu")
+
+    def lstm_step(x, h, c, w_ih, w_hh, b):
+        h_new, c_new = rnnkern.lstm_cell(x, (h, c), w_ih, w_hh, b, b)
+        h.copy_(h_new)
+        c.copy_(c_new)
+        return h_new
+
+    def gru_step(x, h, w_ih, w_hh, b):
+        h_new = rnnkern.gru_cell(x, h, w_ih, w_hh, b, b)
+        h.copy_(h_new)
+        return h_new
+
+    r = lambda *shape, scale=1.0: _randn(*shape, device=device, scale=scale)  # noqa: E731
+    return [
+        ("selective_state_update", selective_update,
+         [r(batch, dim, state), r(batch, dim), r(batch, dim), -torch.rand(dim, state, device=device),
+          r(batch, state), r(batch, state), r(dim), r(batch, dim), r(dim)]),
+        ("causal_conv1d_update", conv_update, [r(batch, dim), r(batch, dim, width), r(dim, width), r(dim)]),
+        ("lstm_cell", lstm_step, [r(batch, 8), r(batch, 96), r(batch, 96), r(384, 8, scale=0.3),
+                                  r(384, 96, scale=0.1), r(384)]),
+        ("gru_cell", gru_step, [r(batch, 8), r(batch, 96), r(288, 8, scale=0.3), r(288, 96, scale=0.1), r(288)]),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4), ids=[name for name, _, _ in _decode_steps("cpu")])
+def test_decode_step_replays_from_a_cuda_graph(index):
+    """Three tokens captured once, replayed on fresh inputs: the same outputs and states as
+    running the steps eagerly."""
+    name, step, inputs = _decode_steps("cuda")[index]
+    eager = [x.clone() for x in inputs]
+    static = [x.clone() for x in inputs]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compiles) outside the capture
+        step(*[x.clone() for x in inputs])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(*static)
+    for token in range(3):
+        new_x = _randn(*inputs[0].shape, device="cuda")  # first input: this token's x
+        eager[0].copy_(new_x)
+        static[0].copy_(new_x)
+        expected = step(*eager)
+        graph.replay()
+        assert_close(static_out, expected, torch.float32, f"{name} token {token}")
+        for s, e in zip(static[1:], eager[1:]):
+            assert_close(s, e, torch.float32, f"{name} state after token {token}")
