@@ -51,3 +51,36 @@ def test_every_triton_kernel_is_registered():
         kernels = {name for name, obj in vars(importlib.import_module(module)).items()
                    if name.endswith("_kernel") and hasattr(obj, "fn")}
         assert kernels and kernels <= registered, f"{module}: a kernel no aot_problems() call launches"
+
+
+_SPECIALISATIONS = """
+import json
+from rnnkern import aot
+print(json.dumps([dict(name=c.name, signature=c.signature, attrs={str(i): a for (i,), a in c.attrs.items()},
+                       plain=aot._do_not_specialize(c.kernel)) for c in aot.triton_cases()]))
+"""
+
+
+@pytest.fixture(scope="module")
+def specialisations() -> list:
+    """Every case's signature and attributes as rnnkern.aot builds them (nothing compiled)."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _SPECIALISATIONS], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_aot_specialises_arguments_as_the_jit_does(specialisations):
+    """Pointers of fresh allocations carry 16-byte divisibility, lengths marked do_not_specialize
+    stay plain integers (a new length compiles nothing), unit strides are folded to 1."""
+    folded_unit_stride = False
+    for case in specialisations:
+        names = list(case["signature"])
+        for name, kind in case["signature"].items():
+            attrs = case["attrs"].get(str(names.index(name)), [])
+            if kind.startswith("*"):
+                assert ["tt.divisibility", 16] in attrs, (case["name"], name)
+            if name in case["plain"]:
+                assert kind in ("i32", "i64") and attrs == [], (case["name"], name, kind, attrs)
+        folded_unit_stride |= case["signature"].get("stride_a_d") == "constexpr"
+    assert folded_unit_stride  # the linear scan's channel stride is 1 in every contiguous input
