@@ -47,6 +47,7 @@ class Launch:
     kernel: object  # triton.JITFunction (or the interpreter's stand-in)
     grid: tuple
     arguments: dict
+    options: tuple = ()  # launch options given (num_warps, num_stages), sorted (name, value)
 
     @property
     def kernel_name(self) -> str:
@@ -61,13 +62,16 @@ class Launch:
     def variant(self) -> tuple:
         """(kernel name, sorted constexprs): equal for launches of the same compiled variant,
         up to the JIT's specialisation of the other arguments."""
-        return self.kernel_name, tuple(sorted(self.constexprs.items()))
+        return self.kernel_name, tuple(sorted(self.constexprs.items())) + self.options
 
 
 def constexpr_names(kernel) -> list[str]:
     annotations = inspect.get_annotations(kernel.fn)
     return [name for name in inspect.signature(kernel.fn).parameters
             if "constexpr" in str(annotations.get(name, ""))]
+
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
 class _Recorder:
@@ -80,8 +84,10 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            bound = inspect.signature(self.kernel.fn).bind(*args, **kwargs)
-            self.launches.append(Launch(self.kernel, tuple(grid), dict(bound.arguments)))
+            options = tuple(sorted((k, kwargs[k]) for k in LAUNCH_OPTIONS if k in kwargs))
+            given = {k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS}
+            bound = inspect.signature(self.kernel.fn).bind(*args, **given)
+            self.launches.append(Launch(self.kernel, tuple(grid), dict(bound.arguments), options))
             if self.run:
                 return self.kernel[grid](*args, **kwargs)
         return launch
@@ -162,6 +168,7 @@ class TritonCase:
     constexprs: dict  # (argument index,) -> value
     attrs: dict  # (argument index,) -> [["tt.divisibility", 16]] or []
     name: str
+    options: dict = dataclasses.field(default_factory=dict)  # num_warps, num_stages as launched
 
 
 def _jit_specialisation(launch: Launch, backend) -> tuple[dict, dict, dict]:
@@ -191,7 +198,7 @@ def _case_name(launch: Launch) -> str:
               if hasattr(v, "dtype") and str(v.dtype) in _DTYPE_NAMES}
     dtypes = sorted(dtypes - {"fp32"}) or sorted(dtypes)  # a 16-bit kernel has fp32 workspaces too
     flags = [k.lower() if v is True else f"{k}={v}" for k, v in launch.constexprs.items()
-             if v is not False and v is not None]
+             if v is not False and v is not None] + [f"{k}={v}" for k, v in launch.options]
     return f"{launch.kernel_name}[{'-'.join(dtypes[:1] + flags)}]"
 
 
@@ -212,7 +219,7 @@ def triton_cases() -> list[TritonCase]:
     from triton.compiler import make_backend
 
     backend = make_backend(GPUTarget("cuda", TARGETS[-1], 32))
-    return [TritonCase(launch.kernel, *_jit_specialisation(launch, backend), name)
+    return [TritonCase(launch.kernel, *_jit_specialisation(launch, backend), name, dict(launch.options))
             for name, launch in named_launches()]
 
 
@@ -222,7 +229,7 @@ class Report:
     target: int
     shared_bytes: Optional[int]
     registers: Optional[int]
-    spill_bytes: Optional[int]
+    spill_bytes: Optional[int]  # the thread's stack frame plus local memory: where ptxas spills
     error: Optional[str] = None
 
 
@@ -232,13 +239,14 @@ def compile_triton(case: TritonCase, target: int) -> Report:
     from triton.compiler import ASTSource
 
     source = ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs, attrs=case.attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", target, 32))
+    compiled = triton.compile(source, target=GPUTarget("cuda", target, 32), options=case.options or None)
     registers, spills = _cubin_usage(compiled.asm["cubin"])
     return Report(case.name, target, compiled.metadata.shared, registers, spills)
 
 
 def _cubin_usage(cubin: bytes) -> tuple[Optional[int], Optional[int]]:
-    """Registers and local-memory (spill) bytes of a compiled kernel, read by cuobjdump."""
+    """Registers and spilled bytes (stack frame + local memory) of a compiled kernel, read by
+    cuobjdump."""
     tool = _nvidia_tool("cuobjdump")
     if tool is None:
         return None, None
@@ -247,8 +255,9 @@ def _cubin_usage(cubin: bytes) -> tuple[Optional[int], Optional[int]]:
         Path(path).write_bytes(cubin)
         result = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True)
     registers = _max_int(re.findall(r"REG:(\d+)", result.stdout))
-    local = _max_int(re.findall(r"LOCAL:(\d+)", result.stdout))
-    return registers, local
+    stack = _max_int(re.findall(r"STACK:(\d+)", result.stdout)) or 0
+    local = _max_int(re.findall(r"LOCAL:(\d+)", result.stdout)) or 0
+    return registers, stack + local
 
 
 def _nvidia_tool(name: str) -> Optional[str]:
@@ -292,7 +301,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _print_table(reports: list[Report]) -> None:
-    print(f"{'kernel':<88} {'sm':>3} {'smem B':>7} {'regs':>5} {'local B':>7}")
+    print(f"{'kernel':<88} {'sm':>3} {'smem B':>7} {'regs':>5} {'spill B':>7}")
     for r in reports:
         usage = f"{r.shared_bytes!s:>7} {r.registers!s:>5} {r.spill_bytes!s:>7}" if not r.error else r.error
         print(f"{r.name:<88} {r.target:>3} {usage}")
