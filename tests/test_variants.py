@@ -112,14 +112,16 @@ def selective_scan_case(batch, channels, length, groups=1, mamba=True, training=
     _compare(run, [u, delta, A, B, C, D, z, delta_bias, h0], dtype, training)
 
 
-SMALL_CASES = {
-    # linear scan: one chunk (a short sequence), split sequences (a long one on a small grid)
+LINEAR_SCAN_CASES = {
+    # one chunk (a short sequence), split sequences (a long one on a small grid)
     "linear_scan": functools.partial(linear_scan_case, 2, 100, 40),
     "linear_scan_split": functools.partial(linear_scan_case, 1, 600, 40),
     "linear_scan_split_reverse": functools.partial(linear_scan_case, 1, 600, 40, reverse=True, initial=False),
     "linear_scan_packed_split": functools.partial(linear_scan_case, 1, 600, 40, sequences=3),
     "linear_scan_packed": functools.partial(linear_scan_case, 1, 200, 40, sequences=3, reverse=True),
 }
+
+SMALL_CASES = {**LINEAR_SCAN_CASES}
 
 
 # --- the check -----------------------------------------------------------------------------
