@@ -1,6 +1,7 @@
 """Verification ladder step 4: every Triton kernel variant the launchers choose for realistic
 shapes compiles for sm_80 and sm_90 without a GPU, specialised as the JIT will specialise it."""
 import importlib
+import inspect
 import json
 import os
 import subprocess
@@ -29,7 +30,7 @@ def reports() -> dict:
 def _report(reports, name, target) -> dict:
     report = reports[(name, target)]
     print(f"{name} sm_{target}: {report['shared_bytes']} B shared, {report['registers']} registers, "
-          f"{report['spill_bytes']} B local")
+          f"{report['spill_bytes']} B spilled")
     assert report["error"] is None, report["error"]
     return report
 
@@ -84,3 +85,16 @@ def test_aot_specialises_arguments_as_the_jit_does(specialisations):
                 assert kind in ("i32", "i64") and attrs == [], (case["name"], name, kind, attrs)
         folded_unit_stride |= case["signature"].get("stride_a_d") == "constexpr"
     assert folded_unit_stride  # the linear scan's channel stride is 1 in every contiguous input
+
+
+LENGTH_ARGUMENTS = {"T", "L", "steps", "step", "chunk", "num_chunks"}  # vary with the input's length
+
+
+@pytest.mark.parametrize("module", aot.TRITON_MODULES)
+def test_lengths_are_not_specialised_on(module):
+    """A new prompt or sequence length must not compile a new variant: every kernel argument
+    that carries a length is do_not_specialize (else the JIT specialises it on == 1 and on
+    divisibility by 16)."""
+    for name, kernel in aot.kernels_of(importlib.import_module(module)).items():
+        lengths = LENGTH_ARGUMENTS & set(inspect.signature(kernel.fn).parameters)
+        assert lengths <= set(aot._do_not_specialize(kernel)), (name, lengths - set(aot._do_not_specialize(kernel)))
