@@ -84,3 +84,39 @@ def test_aot_specialises_arguments_as_the_jit_does(specialisations):
                 assert kind in ("i32", "i64") and attrs == [], (case["name"], name, kind, attrs)
         folded_unit_stride |= case["signature"].get("stride_a_d") == "constexpr"
     assert folded_unit_stride  # the linear scan's channel stride is 1 in every contiguous input
+
+
+_PERSISTENT_SHARED = """
+import json
+from rnnkern import aot
+cases = [c for c in aot.triton_cases() if "persistent" in c.name]
+print(json.dumps({c.name: [aot.compile_triton(c, target).shared_bytes for target in aot.TARGETS] for c in cases}))
+"""
+
+
+def _persistent_estimate(launch) -> int:
+    """The launcher module's persistent_shared_bytes for the launch's padded sizes and dtype."""
+    module = importlib.import_module(launch.kernel.fn.__module__)
+    sizes, dtype = launch.constexprs, launch.arguments["w_hh_ptr"].dtype
+    backward = "_bwd_" in launch.kernel_name
+    if "BLOCK_P" in sizes:  # the LSTM: P only with a projection
+        return module.persistent_shared_bytes(sizes["BLOCK_H"], sizes["BLOCK_P"] if sizes["HAS_PROJ"] else 0, dtype,
+                                              backward)
+    return module.persistent_shared_bytes(sizes["BLOCK_H"], dtype, backward)
+
+
+@pytest.mark.slow  # compiles the persistent LSTM/GRU kernels for both targets: about a minute
+def test_persistent_shared_memory_estimate_bounds_the_compiled():
+    """The path choice trusts persistent_shared_bytes: it is at least what triton.compile reports
+    for every realistic persistent variant on sm_80 and sm_90, and within twice it (so devices
+    with less shared memory are not sent to the alternating path needlessly)."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _PERSISTENT_SHARED], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    compiled = json.loads(result.stdout)
+    persistent = [(name, launch) for name, launch in aot.named_launches() if "persistent" in launch.kernel_name]
+    assert persistent and {name for name, _ in persistent} == set(compiled)
+    for name, launch in persistent:
+        estimate = _persistent_estimate(launch)
+        print(f"{name}: estimate {estimate} B, compiled {compiled[name]} B (sm_80, sm_90)")
+        assert max(compiled[name]) <= estimate <= 2 * max(compiled[name]), name
