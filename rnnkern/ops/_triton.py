@@ -208,12 +208,15 @@ def persistent_bytes(weight_elements: int, width: int, dtype: torch.dtype, backw
 # ---------------------------------------------------------------------------------------
 # CUDA-graph replay of an alternating path's step loop.
 
-STEP_GRAPHS_MAX = 8  # step loops kept captured (least recently used dropped first)
+STEP_GRAPHS_MAX = 4  # step loops kept captured (least recently used dropped first)
+# A step loop whose tensors are larger runs its launches directly: the graph's static copies would
+# cost that much memory again, while per-step Python is small next to moving it.
+STEP_GRAPH_MAX_BYTES = 256 * 2**20
 _step_graphs: collections.OrderedDict = collections.OrderedDict()
 
 
 def step_graphs_enabled(device: torch.device) -> bool:
-    """Whether a step loop on `device` replays from a CUDA graph: on CUDA, outside the
+    """Whether a step loop on `device` may replay from a CUDA graph: on CUDA, outside the
     interpreter, not while the caller captures a graph itself, unless RNNKERN_STEP_GRAPHS=0."""
     return (device.type == "cuda" and not _INTERPRETED and os.environ.get("RNNKERN_STEP_GRAPHS", "1") != "0"
             and not torch.cuda.is_current_stream_capturing())
@@ -225,11 +228,13 @@ def run_steps(name: str, run, tensors: dict, writes: frozenset, write_only: froz
 
     The graph is captured once per key: `name` (launcher and path), `flags` (the constexprs),
     every tensor's shape, dtype and strides, the device and the current stream; the last
-    STEP_GRAPHS_MAX keys are kept. Its launches read and write static copies of `tensors`:
+    STEP_GRAPHS_MAX keys are kept, and loops over more than STEP_GRAPH_MAX_BYTES of tensors
+    run directly. Its launches read and write static copies of `tensors`:
     each call copies the tensors in (all but `write_only`), replays, and copies `writes` out.
     The first call of a key warms up and captures (which synchronises the device once)."""
     device = next(t.device for t in tensors.values() if t is not None)
-    if not step_graphs_enabled(device):
+    size = sum(t.numel() * t.element_size() for t in tensors.values() if t is not None)
+    if not step_graphs_enabled(device) or size > STEP_GRAPH_MAX_BYTES:
         run(**tensors)
         return
     stream = torch.cuda.current_stream(device)
