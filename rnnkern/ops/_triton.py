@@ -266,6 +266,7 @@ def _capture(run, tensors: dict, write_only: frozenset, stream) -> tuple:
         run(**static)
     stream.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
+    # thread_local: CUDA calls of other threads (a data loader's) do not void the capture
+    with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
         run(**static)
     return graph, static

@@ -23,12 +23,20 @@ device's shared memory per block:
 
 Matrix products accumulate in fp32 with operands in the input dtype: 16-bit layers multiply
 16-bit operands (the backward rounds its fp32 gradients to the input dtype for the product
-only, as cuDNN does, and keeps the d_gates workspace that feeds the weight gradients in fp32);
-fp32 layers multiply fp32 operands as torch allows (PRECISION: "tf32" under
-``torch.backends.cuda.matmul.allow_tf32``, else "ieee"). The rows of sequence b at step s
-sit at time s, or lengths[b]-1-s when reversed; past the end of a sequence a step stays at
-time s, writes zeros and leaves the state alone, so every time index of every output is
-written once. Offsets are int64; lengths (T, step) are not specialised on.
+only, as cuDNN does, and keeps the d_gates workspace that feeds the weight gradients in fp32).
+Measured at B = 40, T = 8, H = 96 (P = 80) against fp64, in units of the test tolerance: no
+output or gradient is more than 0.21 units further off than the 16-bit reference itself (its
+weight gradients are 0.7-2.9 units off, its outputs and input/state gradients below 0.4);
+against that reference, which multiplies fp32 gradients, the weight gradients differ by up to
+1.4 units (fp16 GRU W_ih), where fp32 operands would differ by at most 0.5: the tests compare
+16-bit weight gradients with fp64 (tests/ops/test_lstm_gru.py). fp32 layers multiply fp32
+operands as torch allows (PRECISION: "tf32" under ``torch.backends.cuda.matmul.allow_tf32``,
+else "ieee").
+
+The rows of sequence b at step s sit at time s, or lengths[b]-1-s when reversed; past the end
+of a sequence a step stays at time s, writes zeros and leaves the state alone, so every time
+index of every output is written once. Offsets are int64; lengths (T, step) are not
+specialised on.
 """
 import functools
 from typing import Optional
