@@ -98,3 +98,28 @@ def test_lengths_are_not_specialised_on(module):
     for name, kernel in aot.kernels_of(importlib.import_module(module)).items():
         lengths = LENGTH_ARGUMENTS & set(inspect.signature(kernel.fn).parameters)
         assert lengths <= set(aot._do_not_specialize(kernel)), (name, lengths - set(aot._do_not_specialize(kernel)))
+
+
+def _persistent_estimate(launch) -> int:
+    """The launcher module's persistent_shared_bytes for the launch's padded sizes and dtype."""
+    module = importlib.import_module(launch.kernel.fn.__module__)
+    sizes, dtype = launch.constexprs, launch.arguments["w_hh_ptr"].dtype
+    backward = "_bwd_" in launch.kernel_name
+    if "BLOCK_P" in sizes:  # the LSTM: P only with a projection
+        return module.persistent_shared_bytes(sizes["BLOCK_H"], sizes["BLOCK_P"] if sizes["HAS_PROJ"] else 0, dtype,
+                                              backward)
+    return module.persistent_shared_bytes(sizes["BLOCK_H"], dtype, backward)
+
+
+@pytest.mark.slow  # the reports fixture compiles every kernel
+def test_persistent_shared_memory_estimate_bounds_the_compiled(reports):
+    """The path choice trusts persistent_shared_bytes: it is at least what triton.compile reports
+    for every realistic persistent variant on sm_80 and sm_90, and within twice it (so devices
+    with less shared memory are not sent to the alternating path needlessly)."""
+    persistent = [(name, launch) for name, launch in aot.named_launches() if "persistent" in launch.kernel_name]
+    assert persistent
+    for name, launch in persistent:
+        compiled = [_report(reports, name, target)["shared_bytes"] for target in aot.TARGETS]
+        estimate = _persistent_estimate(launch)
+        print(f"{name}: estimate {estimate} B, compiled {compiled} B (sm_80, sm_90)")
+        assert max(compiled) <= estimate <= 2 * max(compiled), name

@@ -143,3 +143,53 @@ def test_decode_step_replays_from_a_cuda_graph(index):
         assert_close(static_out, expected, torch.float32, f"{name} token {token}")
         for s, e in zip(static[1:], eager[1:]):
             assert_close(s, e, torch.float32, f"{name} state after token {token}")
+
+
+def _alternating_layer(kind, batch, steps, dtype=torch.float32):
+    """(run, leaves): forward and backward of an alternating-path layer (H = 96, packed lengths on
+    the device); run() returns the outputs and the gradients of x, h0 and the weights."""
+    gates, hidden = (4, 96) if kind == "lstm" else (3, 96)
+    gen = torch.Generator().manual_seed(batch * steps)
+    x = torch.randn((batch, steps, 8), generator=gen).to("cuda", dtype)
+    h0 = torch.randn((batch, hidden), generator=gen).to("cuda", dtype)
+    w_ih = (torch.randn((gates * hidden, 8), generator=gen) * 0.3).to("cuda", dtype)
+    w_hh = (torch.randn((gates * hidden, hidden), generator=gen) * 0.1).to("cuda", dtype)
+    lengths = torch.randint(1, steps + 1, (batch,), generator=gen).cuda()
+    leaves = [t.requires_grad_() for t in (x, h0, w_ih, w_hh)]
+
+    def run():
+        if kind == "lstm":
+            y, (h, c) = rnnkern.lstm_layer(leaves[0], (leaves[1], torch.zeros_like(leaves[1])), *leaves[2:],
+                                           lengths=lengths, reverse=True)
+            outputs = [y, h, c]
+        else:
+            outputs = list(rnnkern.gru_layer(leaves[0], leaves[1], *leaves[2:], lengths=lengths, reverse=True))
+        return outputs + list(torch.autograd.grad([o.float().square().sum() for o in outputs], leaves))
+    return run
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_alternating_steps_replay_from_a_cuda_graph(kind, monkeypatch):
+    """The alternating path's step loops replay from captured CUDA graphs: the same results as
+    the eager launches (RNNKERN_STEP_GRAPHS=0), a cache hit on a second call, a new capture
+    when the sequence length changes, none while the caller captures a graph itself."""
+    from rnnkern.ops import _triton
+
+    _triton._step_graphs.clear()
+    for steps, captured in ((7, 2), (7, 2), (12, 4)):  # a forward and a backward loop per length
+        run = _alternating_layer(kind, 20, steps)
+        monkeypatch.setenv("RNNKERN_STEP_GRAPHS", "0")
+        eager = run()
+        monkeypatch.setenv("RNNKERN_STEP_GRAPHS", "1")
+        replayed = run()
+        for index, (got, want) in enumerate(zip(replayed, eager)):
+            assert torch.equal(got, want), f"{kind} T={steps} output/gradient {index}"
+        assert len(_triton._step_graphs) == captured
+    names = [key[0] for key in _triton._step_graphs]
+    assert names == [f"{kind}_fwd_alternating", f"{kind}_bwd_alternating"] * 2
+
+    assert not _triton.step_graphs_enabled(torch.device("cpu"))
+    graph, stream, static = torch.cuda.CUDAGraph(), torch.cuda.Stream(), torch.zeros(1, device="cuda")
+    with torch.cuda.graph(graph, stream=stream):
+        static.add_(1)
+        assert not _triton.step_graphs_enabled(torch.device("cuda"))

@@ -70,7 +70,16 @@ def linear_scan_case(batch, steps, dim, reverse=False, initial=True, sequences=N
 
 
 def recurrence_case(kind, batch, steps, hidden, proj=0, reverse=False, packed=False, bias=True, training=True,
-                    dtype=torch.float32):
+                    dtype=torch.float32, tf32=False):
+    """An LSTM/GRU layer (H <= 64: the persistent path, else the alternating one); `tf32` runs it
+    with torch's fp32 matmuls allowed TF32 (PRECISION="tf32"; the interpreter multiplies in fp32)."""
+    if tf32:
+        allowed = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return recurrence_case(kind, batch, steps, hidden, proj, reverse, packed, bias, training, dtype)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = allowed
     gen = torch.Generator().manual_seed(1)
     gates, features, p = (4 if kind == "lstm" else 3), 8, proj or hidden
     x = _random(gen, batch, steps, features, dtype=dtype)
@@ -121,7 +130,35 @@ LINEAR_SCAN_CASES = {
     "linear_scan_packed": functools.partial(linear_scan_case, 1, 200, 40, sequences=3, reverse=True),
 }
 
-SMALL_CASES = {**LINEAR_SCAN_CASES}
+_lstm, _gru = functools.partial(recurrence_case, "lstm"), functools.partial(recurrence_case, "gru")
+RECURRENCE_CASES = {
+    # persistent (H 40 pads to 64, H 20 to 32; P 24 to 32), training and inference
+    "lstm_persistent": functools.partial(_lstm, 2, 3, 40),
+    "lstm_persistent_proj": functools.partial(_lstm, 2, 3, 40, proj=24),
+    "lstm_persistent_reverse_packed": functools.partial(_lstm, 3, 4, 20, reverse=True, packed=True),
+    "lstm_persistent_inference": functools.partial(_lstm, 2, 3, 40, training=False),
+    "lstm_persistent_tf32": functools.partial(_lstm, 2, 3, 40, tf32=True),
+    # alternating (H 72: three column tiles; B 17: a sequence tile of 32)
+    "lstm_alternating": functools.partial(_lstm, 2, 3, 72),
+    "lstm_alternating_batch_tile_32": functools.partial(_lstm, 17, 2, 72),
+    "lstm_alternating_proj": functools.partial(_lstm, 2, 3, 72, proj=24),
+    "lstm_alternating_reverse_packed": functools.partial(_lstm, 3, 4, 72, reverse=True, packed=True),
+    "lstm_alternating_inference": functools.partial(_lstm, 2, 3, 72, training=False),
+    "lstm_alternating_proj_inference": functools.partial(_lstm, 2, 3, 72, proj=24, training=False),
+    "lstm_alternating_proj_tf32": functools.partial(_lstm, 2, 3, 72, proj=24, tf32=True),
+    "gru_persistent": functools.partial(_gru, 2, 3, 40),
+    "gru_persistent_reverse_packed": functools.partial(_gru, 3, 4, 20, reverse=True, packed=True),
+    "gru_persistent_inference": functools.partial(_gru, 2, 3, 40, training=False),
+    "gru_persistent_tf32": functools.partial(_gru, 2, 3, 40, tf32=True),
+    "gru_alternating": functools.partial(_gru, 2, 3, 72),
+    "gru_alternating_batch_tile_32": functools.partial(_gru, 17, 2, 72),
+    "gru_alternating_reverse_packed_no_bias": functools.partial(_gru, 3, 4, 72, reverse=True, packed=True,
+                                                                bias=False),
+    "gru_alternating_inference": functools.partial(_gru, 2, 3, 72, training=False),
+    "gru_alternating_tf32": functools.partial(_gru, 2, 3, 72, tf32=True),
+}
+
+SMALL_CASES = {**LINEAR_SCAN_CASES, **RECURRENCE_CASES}
 
 
 # --- the check -----------------------------------------------------------------------------

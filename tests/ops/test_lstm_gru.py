@@ -9,7 +9,7 @@ import rnnkern
 from rnnkern.ops._sequences import STEP_KERNEL_MAX_BATCH
 from tests.conftest import backend_params, ran_op
 from tests.ops.recurrent import GRU, KINDS, LSTM, lengths_tensor, outputs_and_grads, random_weights
-from tests.tolerances import assert_close
+from tests.tolerances import TOLERANCES, assert_close
 
 DTYPE_IDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
 # (B, T, I, H, P, lengths, reverse): awkward sizes, packed lengths (unsorted, with 0 and T)
@@ -427,3 +427,156 @@ def test_step_kernel_keeps_leading_dimensions(kind):
     for got, want in zip(shaped, flat):
         assert got.shape == (1, *want.shape)
         assert torch.equal(got[0], want)
+
+
+# --- the Triton kernels' tiles, launches and path choice ------------------------------------
+
+# (B, T, H, P, lengths, reverse): B = 40 spans two sequence tiles of 32 (alternating) and three of
+# 16 (persistent); H = 96 (alternating, three column tiles), H = 40 (persistent, padded to 64)
+TILE_CONFIGS = {
+    "alternating-B40-H96": (40, 4, 96, 0, None, False),
+    "alternating-B40-H96-P80-lengths-reverse": (40, 4, 96, 80, "random", True),
+    "persistent-B40-H40": (40, 4, 40, 0, "random", True),
+    "persistent-B40-H40-P24": (40, 4, 40, 24, None, False),
+}
+TILE_CASES = [
+    pytest.param(*p.values, name, dtype, id=f"{p.id}-{name}-{DTYPE_IDS[dtype]}",
+                 marks=[*p.marks] + ([pytest.mark.slow] if dtype != torch.float32 else []))
+    for p in TRITON for name, config in TILE_CONFIGS.items() if p.values[0] is LSTM or not config[3]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16)
+]
+
+
+def default_path(kind, hidden, proj=0, dtype=torch.float32, device=torch.device("cpu")) -> str:
+    """The path the Triton launchers pick for these sizes on `device`."""
+    if kind is LSTM:
+        return kind.triton.choose_path(hidden, proj, dtype, device)
+    return kind.triton.choose_path(hidden, dtype, device)
+
+
+def tile_inputs(kind, name, dtype, device):
+    batch, steps, hidden, proj, lengths, reverse = TILE_CONFIGS[name]
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn((batch, steps, 8), generator=gen, dtype=torch.float64)
+    states = kind.states(batch, hidden, proj, torch.float64, device, gen)
+    weights = random_weights(kind, 8, hidden, proj, torch.float64, device, gen)
+    lengths = torch.randint(1, steps + 1, (batch,), generator=gen) if lengths else None
+    return [x, *states], weights, dict(lengths=lengths, reverse=reverse)
+
+
+def _in(dtype, tensors, device="cpu"):
+    return [t if t is None else t.to(device, dtype) for t in tensors]
+
+
+def _tolerance_units(actual, expected, dtype) -> float:
+    """max |actual - expected| / (atol + rtol |expected|) with the table's tolerance of `dtype`."""
+    rtol, atol = TOLERANCES[dtype]
+    return ((actual.double() - expected.double()).abs() / (atol + rtol * expected.double().abs())).max().item()
+
+
+@pytest.mark.parametrize("kind,device,backend,name,dtype", TILE_CASES)
+def test_triton_tiles_match_reference(kind, device, backend, name, dtype, monkeypatch):
+    """Several programs along the batch and the hidden units, on the path the sizes pick.
+
+    In fp32 everything is compared with the reference. In fp16/bf16 the outputs, final states
+    and the gradients of x and the initial states are compared with the reference in the same
+    dtype; the weight gradients, sums over B * T terms that cancel (their error is relative to
+    the terms), are compared with fp64: their error may exceed the reference's own error in
+    that dtype by at most one tolerance of the table (the kernels' 16-bit GEMM operands round
+    d_gates where the reference multiplies fp32)."""
+    path = name.split("-")[0]
+    assert default_path(kind, *TILE_CONFIGS[name][2:4]) == path
+    force_triton_path(monkeypatch, kind, path)  # the same path on a device with little shared memory
+    leaves, weights, opts = tile_inputs(kind, name, dtype, device)
+    x, *states = _in(dtype, leaves, device)
+    got = outputs_and_grads(kind, x, states, _in(dtype, weights, device), backend=backend, **opts)
+    want = outputs_and_grads(kind, x, states, _in(dtype, weights, device), backend="reference", **opts)
+    if dtype == torch.float32:
+        assert_all_close(got, want, dtype)
+        return
+    exact = ["y", "h_T", "c_T"][: len(leaves)] + [f"grad_{i}" for i in range(len(leaves))]
+    assert_all_close({k: got[k] for k in exact}, {k: want[k] for k in exact}, dtype)
+    truth = outputs_and_grads(kind, leaves[0], leaves[1:], weights, backend="reference", **opts)
+    for key in sorted(set(got) - set(exact)):
+        assert got[key].dtype == dtype, key
+        allowed = _tolerance_units(want[key], truth[key], dtype) + 1.0
+        assert _tolerance_units(got[key], truth[key], dtype) <= allowed, key
+
+
+# per path and projection: (forward launches, backward launches) of a layer call with T steps
+EXPECTED_LAUNCHES = {
+    ("persistent", False): lambda steps: (1, 1),
+    ("persistent", True): lambda steps: (1, 1),
+    ("alternating", False): lambda steps: (steps, steps + 1),
+    ("alternating", True): lambda steps: (2 * steps, steps + 1),  # the projection: a second kernel per step
+}
+
+
+@pytest.mark.parametrize("proj", [0, 3], ids=["no-proj", "proj"])
+@pytest.mark.parametrize("path", ["persistent", "alternating"])
+@pytest.mark.parametrize("kind,device,backend", TRITON)
+def test_triton_launches_per_layer_call(kind, device, backend, path, proj, monkeypatch):
+    """Every kernel launch of a forward and a backward, recorded as it runs: one fused launch
+    per step on the alternating path in each direction (plus one finishing the backward)."""
+    if kind is GRU and proj:
+        pytest.skip("GRU has no projection")
+    from rnnkern import aot
+
+    force_triton_path(monkeypatch, kind, path)
+    monkeypatch.setenv("RNNKERN_STEP_GRAPHS", "0")  # on CUDA: the launches themselves, not a graph's replay
+    steps = 5
+    x, states, weights, opts = case_inputs(kind, (3, steps, 4, 6, proj, [5, 2, 4], True), torch.float32, device)
+    leaves = [w.requires_grad_() for w in weights if w is not None]
+    with aot.recording([f"rnnkern.ops.{kind.name}.triton"], run=True) as forward:
+        outputs = kind.layer(x, states, weights, backend=backend, **opts)
+    with aot.recording([f"rnnkern.ops.{kind.name}.triton"], run=True) as backward:
+        torch.autograd.grad(sum(o.sum() for o in outputs), leaves)
+    assert (len(forward), len(backward)) == EXPECTED_LAUNCHES[(path, bool(proj))](steps)
+    assert {launch.kernel_name.split("_")[2] for launch in forward} == {"fwd"} | ({"proj"} if proj and path ==
+                                                                               "alternating" else set())
+    assert {launch.kernel_name.split("_")[2] for launch in backward} == {"bwd"}
+
+
+def _fake_device_shared_memory(monkeypatch, shared_bytes):
+    """Makes cuda:0 report `shared_bytes` of shared memory per block (no CUDA call is made)."""
+    from rnnkern.ops import _triton
+
+    monkeypatch.setattr(_triton, "_cuda_shared_memory_per_block", lambda index: shared_bytes)
+    return torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=kind_id)
+def test_path_takes_the_devices_shared_memory(kind, monkeypatch):
+    """H = 64 in fp32: both directions persistent where their shared memory fits (H100's 227 KB);
+    on a device with 99 KB per block (sm_86/sm_89) the forward stays persistent and the backward,
+    which stages more, is alternating; bf16 halves the weights."""
+    pytest.importorskip("triton")
+
+    def path(hidden, shared_bytes, backward, dtype=torch.float32):
+        device = _fake_device_shared_memory(monkeypatch, shared_bytes)
+        if kind is LSTM:
+            return kind.triton.choose_path(hidden, 0, dtype, device, backward=backward)
+        return kind.triton.choose_path(hidden, dtype, device, backward=backward)
+
+    assert [path(64, 227 * 1024, backward) for backward in (False, True)] == ["persistent"] * 2
+    assert [path(64, 99 * 1024, backward) for backward in (False, True)] == ["persistent", "alternating"]
+    assert path(64, 99 * 1024, True, torch.bfloat16) == "persistent"
+    assert path(32, 48 * 1024, True) == "persistent"
+    assert path(65, 227 * 1024, False) == "alternating"
+
+
+@pytest.mark.parametrize("optin", [101376, None], ids=["reported", "absent"])
+def test_shared_memory_per_block_without_the_attribute(optin, monkeypatch):
+    """torch's opt-in limit where it reports one, else the compute capability's (sm_86: 99 KB)."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from rnnkern.ops import _triton
+
+    props = SimpleNamespace(major=8, minor=6, **({"shared_memory_per_block_optin": optin} if optin else {}))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    _triton._cuda_shared_memory_per_block.cache_clear()
+    try:
+        assert _triton._cuda_shared_memory_per_block(0) == (optin or 99 * 1024)
+    finally:
+        _triton._cuda_shared_memory_per_block.cache_clear()
