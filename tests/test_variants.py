@@ -101,10 +101,11 @@ def recurrence_case(kind, batch, steps, hidden, proj=0, reverse=False, packed=Fa
 
 
 def selective_scan_case(batch, channels, length, groups=1, mamba=True, training=True, initial=False,
-                        dtype=torch.float32, state=16):
+                        dtype=torch.float32, state=16, deterministic=False):
     gen = torch.Generator().manual_seed(2)
     u = _random(gen, batch, channels, length, dtype=dtype)
-    delta = _random(gen, batch, channels, length, low=-3.0, high=-1.0, dtype=dtype)
+    low, high = (-3.0, -1.0) if mamba else (0.05, 0.3)  # delta' = softplus(delta) or delta, about 0.05-0.3
+    delta = _random(gen, batch, channels, length, low=low, high=high, dtype=dtype)
     A = -_random(gen, channels, state, low=0.5, high=2.0)
     bc = (channels, state) if groups is None else (batch, groups, state, length)
     B, C = _random(gen, *bc, dtype=dtype), _random(gen, *bc, dtype=dtype)
@@ -118,7 +119,12 @@ def selective_scan_case(batch, channels, length, groups=1, mamba=True, training=
                                            initial_state=h0, return_last_state=True, backend=backend)
         return out, last
 
-    _compare(run, [u, delta, A, B, C, D, z, delta_bias, h0], dtype, training)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        _compare(run, [u, delta, A, B, C, D, z, delta_bias, h0], dtype, training)
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 LINEAR_SCAN_CASES = {
@@ -158,7 +164,25 @@ RECURRENCE_CASES = {
     "gru_alternating_tf32": functools.partial(_gru, 2, 3, 72, tf32=True),
 }
 
-SMALL_CASES = {**LINEAR_SCAN_CASES, **RECURRENCE_CASES}
+SELECTIVE_SCAN_CASES = {
+    # batch > 1: 4 channels a program, atomics across sequences and channel blocks; batch 1: 2
+    # channels a program; two time tiles (BLOCK_T = 64) each
+    **{f"selective_scan_{name}": functools.partial(selective_scan_case, 2, 8, 70, dtype=dtype)
+       for name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16))},
+    **{f"selective_scan_batch1_{name}": functools.partial(selective_scan_case, 1, 4, 70, dtype=dtype)
+       for name, dtype in (("f32", torch.float32), ("f16", torch.float16))},
+    "selective_scan_fixed": functools.partial(selective_scan_case, 2, 8, 70, groups=None, mamba=False),
+    "selective_scan_inference": functools.partial(selective_scan_case, 1, 4, 70, training=False, initial=True,
+                                                  dtype=torch.bfloat16),
+    "selective_scan_deterministic": functools.partial(selective_scan_case, 2, 8, 70, dtype=torch.bfloat16,
+                                                      deterministic=True),
+    "selective_scan_deterministic_batch1": functools.partial(selective_scan_case, 1, 4, 70, dtype=torch.bfloat16,
+                                                             deterministic=True),
+    "selective_scan_deterministic_fixed": functools.partial(selective_scan_case, 2, 8, 70, groups=None,
+                                                            deterministic=True),
+}
+
+SMALL_CASES = {**LINEAR_SCAN_CASES, **RECURRENCE_CASES, **SELECTIVE_SCAN_CASES}
 
 
 # --- the check -----------------------------------------------------------------------------
