@@ -145,39 +145,39 @@ def test_decode_step_replays_from_a_cuda_graph(index):
             assert_close(s, e, torch.float32, f"{name} state after token {token}")
 
 
-def _alternating_layer(kind, batch, steps, dtype=torch.float32):
-    """(run, leaves): forward and backward of an alternating-path layer (H = 96, packed lengths on
-    the device); run() returns the outputs and the gradients of x, h0 and the weights."""
-    gates, hidden = (4, 96) if kind == "lstm" else (3, 96)
-    gen = torch.Generator().manual_seed(batch * steps)
-    x = torch.randn((batch, steps, 8), generator=gen).to("cuda", dtype)
-    h0 = torch.randn((batch, hidden), generator=gen).to("cuda", dtype)
-    w_ih = (torch.randn((gates * hidden, 8), generator=gen) * 0.3).to("cuda", dtype)
-    w_hh = (torch.randn((gates * hidden, hidden), generator=gen) * 0.1).to("cuda", dtype)
+def _alternating_layer(kind, batch, steps, proj=0, seed=0):
+    """run() -> outputs and the gradients of x, h0 and the weights of an alternating-path layer
+    (H = 96; a projection to `proj` for the LSTM), with packed lengths on the device."""
+    gates, hidden = (4 if kind == "lstm" else 3), 96
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *shape, scale=1.0: (torch.randn(shape, generator=gen) * scale).cuda()  # noqa: E731
+    x, h0 = randn(batch, steps, 8), randn(batch, proj or hidden)
+    weights = [randn(gates * hidden, 8, scale=0.3), randn(gates * hidden, proj or hidden, scale=0.1)]
+    w_hr = randn(proj, hidden, scale=0.1) if proj else None
     lengths = torch.randint(1, steps + 1, (batch,), generator=gen).cuda()
-    leaves = [t.requires_grad_() for t in (x, h0, w_ih, w_hh)]
+    leaves = [t.requires_grad_() for t in (x, h0, *weights)] + ([w_hr.requires_grad_()] if proj else [])
 
     def run():
         if kind == "lstm":
-            y, (h, c) = rnnkern.lstm_layer(leaves[0], (leaves[1], torch.zeros_like(leaves[1])), *leaves[2:],
-                                           lengths=lengths, reverse=True)
+            c0 = torch.zeros(batch, hidden, device="cuda")
+            y, (h, c) = rnnkern.lstm_layer(x, (h0, c0), *weights, w_hr=w_hr, lengths=lengths, reverse=True)
             outputs = [y, h, c]
         else:
-            outputs = list(rnnkern.gru_layer(leaves[0], leaves[1], *leaves[2:], lengths=lengths, reverse=True))
-        return outputs + list(torch.autograd.grad([o.float().square().sum() for o in outputs], leaves))
+            outputs = list(rnnkern.gru_layer(x, h0, *weights, lengths=lengths, reverse=True))
+        return outputs + list(torch.autograd.grad([o.square().sum() for o in outputs], leaves))
     return run
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_alternating_steps_replay_from_a_cuda_graph(kind, monkeypatch):
+@pytest.mark.parametrize("kind,proj", [("lstm", 0), ("lstm", 40), ("gru", 0)], ids=["lstm", "lstm-proj", "gru"])
+def test_alternating_steps_replay_from_a_cuda_graph(kind, proj, monkeypatch):
     """The alternating path's step loops replay from captured CUDA graphs: the same results as
     the eager launches (RNNKERN_STEP_GRAPHS=0), a cache hit on a second call, a new capture
     when the sequence length changes, none while the caller captures a graph itself."""
     from rnnkern.ops import _triton
 
     _triton._step_graphs.clear()
-    for steps, captured in ((7, 2), (7, 2), (12, 4)):  # a forward and a backward loop per length
-        run = _alternating_layer(kind, 20, steps)
+    for seed, (steps, captured) in enumerate(((7, 2), (7, 2), (12, 4))):  # a forward and a backward loop per T
+        run = _alternating_layer(kind, 20, steps, proj, seed)
         monkeypatch.setenv("RNNKERN_STEP_GRAPHS", "0")
         eager = run()
         monkeypatch.setenv("RNNKERN_STEP_GRAPHS", "1")

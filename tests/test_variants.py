@@ -74,12 +74,9 @@ def recurrence_case(kind, batch, steps, hidden, proj=0, reverse=False, packed=Fa
     """An LSTM/GRU layer (H <= 64: the persistent path, else the alternating one); `tf32` runs it
     with torch's fp32 matmuls allowed TF32 (PRECISION="tf32"; the interpreter multiplies in fp32)."""
     if tf32:
-        allowed = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
-            return recurrence_case(kind, batch, steps, hidden, proj, reverse, packed, bias, training, dtype)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = allowed
+        from rnnkern.ops._triton import with_tf32
+
+        return with_tf32(recurrence_case, kind, batch, steps, hidden, proj, reverse, packed, bias, training, dtype)
     gen = torch.Generator().manual_seed(1)
     gates, features, p = (4 if kind == "lstm" else 3), 8, proj or hidden
     x = _random(gen, batch, steps, features, dtype=dtype)
