@@ -42,14 +42,16 @@ step per group, shared by Dm / G channels: under 0.1 B); 9 B. The backward reads
 dout and the checkpoints and writes du, ddelta, dz in fp32 (8 + 1 + 12 = 21 B; delta is read
 twice but the second read, one step ahead, hits L1/L2). (8, 1536, 2048): 25.2 M elements,
 227 MB forward (68 us at an H100's 3.35 TB/s), 528 MB backward (158 us). The arithmetic is per
-(d, n, t): an exp2, the scan's log2(BLOCK_T) = 6 combine levels of 3 flops and 2 warp shuffles,
-the readout (2 flops); the backward twice that plus the exp2 of the shifted decay. At 16 n that
-is ~190 shuffles per (d, t) forward and ~400 backward; an H100 issues 32 shuffle lanes per SM per
-clock (132 SMs, 1.75 GHz: 7.4 T/s), so the shuffles take ~0.65 ms forward and ~1.4 ms backward at
-that shape: the kernels are bound by the scan's shuffles (and the MUFU exp2), at 10-20 % of HBM
-bandwidth, not by memory. mamba_ssm scans 16 items per thread sequentially before its warp scan,
-which amortises the shuffles; Triton's scan does that only for the elements a thread holds
-along the time axis.
+(d, n, t): an exp2, the scan's log2(BLOCK_T) = 6 combine levels of 3 flops and, at worst, 2 warp
+shuffles each, the readout (2 flops); the backward has two scans and the exp2 of the shifted
+decay. At 16 n that is up to ~190 shuffles per (d, t) forward and ~400 backward; an H100 issues
+32 shuffle lanes per SM per clock (132 SMs, 1.75 GHz: 7.4 T/s), so the shuffles take up to
+~0.65 ms forward and ~1.4 ms backward at that shape (the exp2s, 16 per SM per clock, ~0.1 ms):
+the kernels are bound by the scan's shuffles, at about 10 % of HBM bandwidth, not by memory.
+Less where Triton's layout gives a thread several steps of a row (those levels are sequential
+in registers). mamba_ssm scans 16 steps per thread sequentially before its warp scan, which is
+why it is expected to stay ahead. Occupancy (sm_90 compile): the forward takes 128 registers
+at 8 warps ([4, 16, 64] tile), 2 programs per SM; the backward ~250 at 8 warps, 1 per SM.
 """
 import functools
 
