@@ -15,7 +15,9 @@ with log2 e folded into A. When training, the forward stores the state entering 
 
 The backward walks the tiles last to first. It recomputes a tile's states from its checkpoint
 with the same scan, then scans g = dL/dx_t backwards (``reverse=True``) over (a_{t+1}, dy_t C_t),
-a_{t+1} from delta read one step ahead, carrying g between tiles:
+a_{t+1} from delta read one step ahead, carrying g between tiles (with reverse=True Triton
+calls the combine as (the scan of the later steps, this step), as its test_scan2d checks for this
+same linear recurrence, compiled and interpreted):
 
     g_t = a_{t+1} g_{t+1} + dy_t C_t,   dB_t = g_t delta'_t u_t,   dC_t = dy_t x_t
     a_t x_{t-1} = x_t - delta'_t u_t B_t                     (no division, no shifted state)
@@ -25,7 +27,7 @@ a_{t+1} from delta read one step ahead, carrying g between tiles:
 Reductions across programs. Each program sums its own steps and channels in registers, in a
 fixed order. What several programs share is reduced in one of two ways, chosen per launch:
 atomically into one fp32 buffer (the default; the order of the additions varies from run to
-run), or, under ``torch.use_deterministic_algorithms(True)`` (DETERMINISTIC), each program
+run), or, under ``torch.use_deterministic_algorithms(True)`` (ATOMIC_PARAMS and ATOMIC_BC off), each program
 stores its partial sum in its own slot of a (slots, ...) buffer which one ``.sum(0)`` reduces,
 so two runs give bitwise equal gradients:
 
