@@ -244,6 +244,114 @@ def test_non_contiguous_inputs(device, backend):
     assert_all_close(run(backend, strided), run(backend, inputs), torch.float32)
 
 
+# --- the path of real Mamba shapes: whole channel blocks, several time tiles -----------
+
+# D a multiple of the channel block (4 a program at batch > 1, 2 at batch 1) with several blocks
+# per group, N = 16, L over two or three 64-step tiles: G = 1, G = 2, fixed B/C, batch 1
+ALIGNED_CASES = [
+    (2, 12, 130, 16, "shared", OPTIONS),
+    (2, 16, 70, 16, "grouped2", OPTIONS),
+    (2, 8, 130, 16, "fixed", OPTIONS),
+    (1, 8, 130, 16, "grouped2", OPTIONS),
+]
+ALIGNED_PARAMS = [pytest.param(*p.values, torch.float32, id=f"{p.id}-f32", marks=p.marks)
+                  for p in with_cases(ALIGNED_CASES, interpreted=ALIGNED_CASES)] + \
+                 [pytest.param(*p.values, torch.bfloat16, id=f"{p.id}-bf16", marks=p.marks)
+                  for p in with_cases(ALIGNED_CASES[3:], interpreted=ALIGNED_CASES)]
+
+
+def triton_launches(run_scan) -> dict:
+    """kernel name -> the launch run_scan() made of it (with the triton backend)."""
+    from rnnkern import aot
+
+    with aot.recording(run=True) as launches:
+        run_scan()
+    return {launch.kernel_name: launch for launch in launches}
+
+
+@pytest.mark.parametrize("device,backend,case,dtype", ALIGNED_PARAMS)
+def test_aligned_channel_blocks_over_several_time_tiles(device, backend, case, dtype):
+    inputs = make_inputs(case, dtype, device)
+    if backend != "triton":
+        assert_all_close(run(backend, inputs), run("reference", inputs), dtype)
+        return
+    launches = triton_launches(lambda: assert_all_close(run(backend, inputs), run("reference", inputs), dtype))
+    batch, dims, length = inputs["u"].shape
+    for launch in launches.values():
+        block_d = launch.arguments["BLOCK_D"]
+        assert launch.grid == (batch, dims // block_d) and dims % block_d == 0 and launch.grid[1] >= 2
+        assert length > launch.arguments["BLOCK_T"]
+    groups = inputs["B"].shape[1] if inputs["B"].dim() == 4 else None
+    if groups is not None:  # several channel blocks per group: their dB, dC partial sums are added
+        assert launches["_selective_scan_bwd_kernel"].arguments["ATOMIC_BC"]
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("layout", ["shared", "fixed"])
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_deterministic_backward_is_bitwise_reproducible(device, backend, layout, deterministic_algorithms):
+    """Under torch.use_deterministic_algorithms(True) two backward passes give the same bits:
+    the triton backward stores per-program partial sums (no atomics) that one sum reduces; here
+    two sequences share dA, dD, d(delta_bias) (and fixed dB, dC) and two channel blocks a group's
+    variable dB, dC."""
+    inputs = make_inputs((2, 8, 70, 4, layout, OPTIONS), torch.float32, device)
+    results = []
+    launches = triton_launches(lambda: results.append(run(backend, inputs))) if backend == "triton" else {}
+    if backend == "triton":
+        flags = launches["_selective_scan_bwd_kernel"].arguments
+        assert not flags["ATOMIC_PARAMS"] and not flags["ATOMIC_BC"]
+    else:
+        results.append(run(backend, inputs))
+    first, second = results[0], run(backend, inputs)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert_all_close(first, run("reference", inputs), torch.float32)
+
+
+def test_deterministic_mode_is_restored_by_the_fixture():
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+TRITON_BACKENDS = [p for p in BACKENDS if p.values[1] == "triton"]
+
+
+@pytest.mark.parametrize("device,backend", TRITON_BACKENDS)
+def test_triton_row_offsets_past_2_31(device, backend):
+    """u and grad_out are (2, 4, L) views of one 4 GiB buffer whose second sequence starts
+    2**31 + 1024 elements in: row offsets computed in 32 bits would wrap. Only the views' few
+    pages are touched. (The public function makes inputs contiguous, so this calls the kernels'
+    launchers, which take any (batch, channel) strides.)"""
+    inputs = make_inputs((2, 4, 70, 4, "shared", OPTIONS), torch.bfloat16, device)
+    u, delta, A, B, C, D, z, bias = (inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+    B, C = ops._variable(B), ops._variable(C)
+    stride = 2**31 + 1024
+    storage = torch.empty(stride + 2 * u[0].numel(), dtype=u.dtype, device=device)
+    u_far = storage.as_strided(u.shape, (stride, u.shape[2], 1))
+    grad_out = torch.randn(u.shape, generator=torch.Generator().manual_seed(5)).to(device, u.dtype)
+    grad_out_far = storage.as_strided(u.shape, (stride, u.shape[2], 1), storage_offset=u[0].numel())
+    u_far.copy_(u)
+    grad_out_far.copy_(grad_out)
+    assert u_far.stride(0) * (u.shape[0] - 1) >= 2**31
+    grad_last = torch.randn(inputs["initial_state"].shape).to(device)
+    h0 = inputs["initial_state"]
+    results = {}
+    for name, (u_, grad_out_) in (("triton", (u_far, grad_out_far)), ("reference", (u, grad_out))):
+        forward = SELECTIVE_SCAN.function(name, "selective_scan_fwd")
+        backward = SELECTIVE_SCAN.function(name, "selective_scan_bwd")
+        out, last, checkpoints = forward(u_, delta, A, B, C, D, z, bias, True, h0, True)
+        grads = backward(u_, delta, A, B, C, D, z, bias, True, h0, checkpoints, grad_out_, grad_last)
+        results[name] = (out, last, *grads)
+    for index, (actual, expected) in enumerate(zip(*results.values())):
+        assert_close(actual, expected, torch.bfloat16, f"result {index}")
+
+
 # --- numerics ------------------------------------------------------------------------
 
 

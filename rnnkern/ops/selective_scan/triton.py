@@ -15,7 +15,9 @@ with log2 e folded into A. When training, the forward stores the state entering 
 
 The backward walks the tiles last to first. It recomputes a tile's states from its checkpoint
 with the same scan, then scans g = dL/dx_t backwards (``reverse=True``) over (a_{t+1}, dy_t C_t),
-a_{t+1} from delta read one step ahead, carrying g between tiles:
+a_{t+1} from delta read one step ahead, carrying g between tiles (with reverse=True Triton
+calls the combine as (the scan of the later steps, this step), as its test_scan2d checks for this
+same linear recurrence, compiled and interpreted):
 
     g_t = a_{t+1} g_{t+1} + dy_t C_t,   dB_t = g_t delta'_t u_t,   dC_t = dy_t x_t
     a_t x_{t-1} = x_t - delta'_t u_t B_t                     (no division, no shifted state)
@@ -25,7 +27,7 @@ a_{t+1} from delta read one step ahead, carrying g between tiles:
 Reductions across programs. Each program sums its own steps and channels in registers, in a
 fixed order. What several programs share is reduced in one of two ways, chosen per launch:
 atomically into one fp32 buffer (the default; the order of the additions varies from run to
-run), or, under ``torch.use_deterministic_algorithms(True)`` (DETERMINISTIC), each program
+run), or, under ``torch.use_deterministic_algorithms(True)`` (ATOMIC_PARAMS and ATOMIC_BC off), each program
 stores its partial sum in its own slot of a (slots, ...) buffer which one ``.sum(0)`` reduces,
 so two runs give bitwise equal gradients:
 
@@ -42,14 +44,16 @@ step per group, shared by Dm / G channels: under 0.1 B); 9 B. The backward reads
 dout and the checkpoints and writes du, ddelta, dz in fp32 (8 + 1 + 12 = 21 B; delta is read
 twice but the second read, one step ahead, hits L1/L2). (8, 1536, 2048): 25.2 M elements,
 227 MB forward (68 us at an H100's 3.35 TB/s), 528 MB backward (158 us). The arithmetic is per
-(d, n, t): an exp2, the scan's log2(BLOCK_T) = 6 combine levels of 3 flops and 2 warp shuffles,
-the readout (2 flops); the backward twice that plus the exp2 of the shifted decay. At 16 n that
-is ~190 shuffles per (d, t) forward and ~400 backward; an H100 issues 32 shuffle lanes per SM per
-clock (132 SMs, 1.75 GHz: 7.4 T/s), so the shuffles take ~0.65 ms forward and ~1.4 ms backward at
-that shape: the kernels are bound by the scan's shuffles (and the MUFU exp2), at 10-20 % of HBM
-bandwidth, not by memory. mamba_ssm scans 16 items per thread sequentially before its warp scan,
-which amortises the shuffles; Triton's scan does that only for the elements a thread holds
-along the time axis.
+(d, n, t): an exp2, the scan's log2(BLOCK_T) = 6 combine levels of 3 flops and, at worst, 2 warp
+shuffles each, the readout (2 flops); the backward has two scans and the exp2 of the shifted
+decay. At 16 n that is up to ~190 shuffles per (d, t) forward and ~400 backward; an H100 issues
+32 shuffle lanes per SM per clock (132 SMs, 1.75 GHz: 7.4 T/s), so the shuffles take up to
+~0.65 ms forward and ~1.4 ms backward at that shape (the exp2s, 16 per SM per clock, ~0.1 ms):
+the kernels are bound by the scan's shuffles, at about 10 % of HBM bandwidth, not by memory.
+Less where Triton's layout gives a thread several steps of a row (those levels are sequential
+in registers). mamba_ssm scans 16 steps per thread sequentially before its warp scan, which is
+why it is expected to stay ahead. Occupancy (sm_90 compile): the forward takes 128 registers
+at 8 warps ([4, 16, 64] tile), 2 programs per SM; the backward ~250 at 8 warps, 1 per SM.
 """
 import functools
 
