@@ -512,14 +512,15 @@ EXPECTED_LAUNCHES = {
 }
 
 
-@pytest.mark.parametrize("proj", [0, 3], ids=["no-proj", "proj"])
+_TRITON_WITH_PROJ = [pytest.param(*p.values, proj, id=f"{p.id}-{'proj' if proj else 'no-proj'}", marks=p.marks)
+                     for p in TRITON for proj in ((0, 3) if p.values[0] is LSTM else (0,))]  # GRU has no projection
+
+
 @pytest.mark.parametrize("path", ["persistent", "alternating"])
-@pytest.mark.parametrize("kind,device,backend", TRITON)
+@pytest.mark.parametrize("kind,device,backend,proj", _TRITON_WITH_PROJ)
 def test_triton_launches_per_layer_call(kind, device, backend, path, proj, monkeypatch):
     """Every kernel launch of a forward and a backward, recorded as it runs: one fused launch
     per step on the alternating path in each direction (plus one finishing the backward)."""
-    if kind is GRU and proj:
-        pytest.skip("GRU has no projection")
     from rnnkern import aot
 
     force_triton_path(monkeypatch, kind, path)
