@@ -7,11 +7,12 @@ Every model maps tokens (B, T) to logits (B, T, V) and decodes one token at a ti
     model.state_tensors(state)               # the tensors the state holds, to measure
 
 A transformer's state is its KV cache, which grows with the context; the recurrent models
-(LSTM, GRU: rnnkern.nn; Mamba: rnnkern.nn.Mamba) carry a state of fixed size. Sizes are set
+(LSTM, GRU: rnnkern.nn; Mamba, Mamba-2: rnnkern.nn.Mamba, Mamba2) carry a state of fixed size. Sizes are set
 so that all models have about the same parameter count (see CONFIGS; checked in the suite).
 """
+import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ CONFIGS = {
     "lstm": Config(d_model=448, layers=2),
     "gru": Config(d_model=512, layers=2),
     "mamba": Config(d_model=256, layers=8),
+    "mamba2": Config(d_model=256, layers=8),  # d_state 64, 8 heads of 64 channels (MIXERS)
 }
 
 
@@ -55,8 +57,8 @@ def build(name: str, cache: str = "preallocated", device=None, dtype=None) -> "L
     factory = {"device": device, "dtype": dtype}
     if name == "transformer":
         return TransformerLM(config, cache, **factory).eval()
-    if name == "mamba":
-        return MambaLM(config, **factory).eval()
+    if name in MIXERS:
+        return MambaLM(config, MIXERS[name], **factory).eval()
     return RecurrentLM(name, config, **factory).eval()
 
 
@@ -204,15 +206,21 @@ class RecurrentLM(LanguageModel):
         return list(state) if isinstance(state, tuple) else [state]
 
 
-class MambaLM(LanguageModel):
-    """Embedding -> pre-LN residual rnnkern.nn.Mamba blocks -> linear head."""
+# The state-space blocks of the Mamba LMs: (d_model, layer_idx, device, dtype) -> block
+MIXERS = {
+    "mamba": rnnkern.nn.Mamba,
+    "mamba2": functools.partial(rnnkern.nn.Mamba2, d_state=64, headdim=64),
+}
 
-    def __init__(self, config: Config, device=None, dtype=None) -> None:
+
+class MambaLM(LanguageModel):
+    """Embedding -> pre-LN residual state-space blocks (rnnkern.nn.Mamba or Mamba2) -> linear head."""
+
+    def __init__(self, config: Config, mixer: Callable[..., nn.Module], device=None, dtype=None) -> None:
         super().__init__(config.d_model, device, dtype)
         factory = {"device": device, "dtype": dtype}
         self.norms = nn.ModuleList(nn.LayerNorm(config.d_model, **factory) for _ in range(config.layers))
-        self.mixers = nn.ModuleList(rnnkern.nn.Mamba(config.d_model, layer_idx=i, **factory)
-                                    for i in range(config.layers))
+        self.mixers = nn.ModuleList(mixer(config.d_model, layer_idx=i, **factory) for i in range(config.layers))
         self.norm = nn.LayerNorm(config.d_model, **factory)
 
     def prefill(self, tokens: Tensor, capacity: int = 0) -> list[tuple[Tensor, Tensor]]:

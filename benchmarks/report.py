@@ -109,6 +109,19 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def drop_refused(contenders: dict, refusal: Callable[[str], Optional[str]],
+                 identity: Callable[[str], dict]) -> list[dict[str, Any]]:
+    """Removes from `contenders` each one for which `refusal(name)` gives a reason; returns their
+    records (`identity(name)` plus the reason) for the results' table."""
+    skipped = []
+    for name in list(contenders):
+        reason = refusal(name)
+        if reason is not None:
+            skipped.append({**identity(name), "skipped": reason})
+            del contenders[name]
+    return skipped
+
+
 def speedup_columns(header: str, key: str) -> Columns:
     """The timing columns, a ratio column `header` from record[key], and peak memory."""
     return [*TIMING_COLUMNS, (header, lambda r: f"{r[key]:.2f}"), PEAK_MEMORY_COLUMN]

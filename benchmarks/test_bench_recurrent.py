@@ -13,6 +13,7 @@ import torch
 from benchmarks import report
 from benchmarks.suites import recurrent, selective
 from benchmarks.test_bench_scan import DEVICE, synchronized
+from benchmarks.timing import keyword_call
 
 RECURRENT_CASES = [recurrent.Case("fwd", 4, 64, 128, torch.float32, DEVICE),
                    recurrent.Case("fwd+bwd", 4, 64, 128, torch.float32, DEVICE),
@@ -48,4 +49,4 @@ def test_selective(benchmark, direction, backend):
             pytest.skip(reason)
         scan = functools.partial(selective.rnnkern_scan, backend)
     benchmark.group = f"selective_scan {direction} {'x'.join(map(str, SELECTIVE_CASE.shape))}"
-    benchmark(synchronized(selective.timed_call(scan, SELECTIVE_INPUTS, direction)))
+    benchmark(synchronized(keyword_call(scan, SELECTIVE_INPUTS, direction)))

@@ -19,6 +19,7 @@ malloc_trim, where present): they run in the steady state that calling them over
 reaches, not in whatever state the previous benchmark left.
 """
 import ctypes
+import functools
 import statistics
 import sys
 import time
@@ -152,3 +153,22 @@ def _cuda_ms(run: Callable, args: tuple) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end)
+
+
+def keyword_call(fn: Callable, inputs: dict, direction: str) -> Callable[[], Any]:
+    """The call a suite times: ``fn(**inputs)`` under torch.no_grad ("fwd"), or with every input
+    a leaf requiring grad, then ``.backward(inputs["grad"])`` ("fwd+bwd"); "grad" is not passed."""
+    tensors = {k: v for k, v in inputs.items() if k != "grad"}
+    if direction == "fwd":
+        return functools.partial(_no_grad, fn, tensors)
+    leaves = {k: v.detach().requires_grad_() for k, v in tensors.items()}
+    return functools.partial(_forward_backward, fn, leaves, inputs["grad"])
+
+
+def _no_grad(fn: Callable, tensors: dict):
+    with torch.no_grad():
+        return fn(**tensors)
+
+
+def _forward_backward(fn: Callable, leaves: dict, grad: torch.Tensor) -> None:
+    fn(**leaves).backward(grad)

@@ -60,3 +60,13 @@ def backend_params(op: _backends.Op, dtype: torch.dtype = torch.float32) -> list
                 marks.append(pytest.mark.gpu)
             params.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
     return params
+
+
+def perturb_parameters(module: torch.nn.Module, seed: int, scale: float) -> None:
+    """Moves every parameter of `module` off its initial value by `scale` times fp64 noise drawn
+    from `seed`, so that structured initial values (ones, log(1..N)) do not hide a wrong use."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            noise = torch.randn(parameter.shape, generator=gen, dtype=torch.float64)
+            parameter.add_((scale * noise).to(parameter))

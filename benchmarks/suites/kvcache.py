@@ -2,7 +2,7 @@
 
 Models (benchmarks/lm.py, ~3.3-3.6 M parameters each): a pre-LN transformer LM with a
 preallocated KV cache and the same model growing its cache with torch.cat; LSTM and GRU LMs
-(rnnkern.nn) and a Mamba LM (rnnkern.nn.Mamba), which carry a state of fixed size.
+(rnnkern.nn) and Mamba and Mamba-2 LMs (rnnkern.nn.Mamba, Mamba2), which carry a state of fixed size.
 
 What is measured, all under torch.no_grad, batch 1 unless stated:
   prefill   one call of ``model.prefill(tokens)`` on `context` tokens (timed once: it is long)
@@ -38,7 +38,7 @@ LEGEND = (
 )
 
 MODELS = (("transformer", "preallocated"), ("transformer", "concat"), ("lstm", "cpu"), ("gru", "cpu"),
-          ("mamba", "cpu"))
+          ("mamba", "cpu"), ("mamba2", "cpu"))
 BATCHES = (1, 4, 16, 64, 256)
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import rnnkern
 from benchmarks import memory, report
 from benchmarks.report import progress, speedup_columns
-from benchmarks.timing import Settings, measure_together
+from benchmarks.timing import Settings, keyword_call, measure_together
 
 SECTION = "kernels"
 COLUMNS = speedup_columns("vs loop", "speedup_vs_loop")
@@ -59,12 +59,8 @@ def run(settings: Settings) -> list[dict[str, Any]]:
         peer = _mamba_ssm() if case.device.type == "cuda" else None
         if peer is not None:
             contenders["mamba_ssm"] = peer
-        skipped = []
-        for name in list(contenders):
-            reason = refusal(name, case)
-            if reason is not None:
-                skipped.append({**_identity(name, case), "skipped": reason})
-                del contenders[name]
+        skipped = report.drop_refused(contenders, functools.partial(refusal, case=case),
+                                      functools.partial(_identity, case=case))
         records += _measure(contenders, inputs, case, settings) + skipped
     return records
 
@@ -136,29 +132,12 @@ def _measure(scans: dict[str, Callable], inputs: dict, case: Case, settings: Set
     batch, dim, length, state = case.shape
     progress(f"selective_scan {case.direction} B{batch}-D{dim}-L{length}-N{state}-{report.dtype_name(case.dtype)}: "
              + ", ".join(scans))
-    calls = [timed_call(scan, inputs, case.direction) for scan in scans.values()]
+    calls = [keyword_call(scan, inputs, case.direction) for scan in scans.values()]
     timings = measure_together(calls, settings)
     loop_ms = timings[0].median_ms
     return [{**_identity(name, case), **timing.as_record(), "speedup_vs_loop": loop_ms / timing.median_ms,
              "peak_mem_bytes": memory.peak_bytes(call, case.device)}
             for name, call, timing in zip(scans, calls, timings)]
-
-
-def timed_call(scan: Callable, inputs: dict, direction: str) -> Callable[[], Any]:
-    tensors = {k: v for k, v in inputs.items() if k != "grad"}
-    if direction == "fwd":
-        return functools.partial(_no_grad, scan, tensors)
-    leaves = {k: v.detach().requires_grad_() for k, v in tensors.items()}
-    return functools.partial(_forward_backward, scan, leaves, inputs["grad"])
-
-
-def _no_grad(scan, tensors):
-    with torch.no_grad():
-        return scan(**tensors)
-
-
-def _forward_backward(scan, leaves, grad):
-    scan(**leaves).backward(grad)
 
 
 def _identity(backend: str, case: Case) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkern.nn import _checks
+from rnnkern.nn._ssm import inverse_softplus_time_steps, last_columns, state_shape, wide, wide_dtype
 from rnnkern.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from rnnkern.ops.selective_scan import selective_scan, selective_state_update
 
@@ -99,11 +100,11 @@ class Mamba(nn.Module):
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
         self._init_dt_proj(dt_init, dt_scale, dt_min, dt_max, dt_init_floor)
-        wide = {"device": device, "dtype": torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)}
-        A = torch.arange(1, d_state + 1, **wide).repeat(self.d_inner, 1)  # (E, N): 1 .. N in every row
+        wide_factory = {"device": device, "dtype": wide_dtype(dtype)}
+        A = torch.arange(1, d_state + 1, **wide_factory).repeat(self.d_inner, 1)  # (E, N): 1 .. N in every row
         self.A_log = nn.Parameter(torch.log(A))
         self.A_log._no_weight_decay = True
-        self.D = nn.Parameter(torch.ones(self.d_inner, **wide))
+        self.D = nn.Parameter(torch.ones(self.d_inner, **wide_factory))
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
@@ -115,10 +116,8 @@ class Mamba(nn.Module):
             nn.init.constant_(self.dt_proj.weight, std)
         else:
             nn.init.uniform_(self.dt_proj.weight, -std, std)
-        log_min, log_max = math.log(dt_min), math.log(dt_max)
-        u = torch.rand(self.d_inner, device=self.dt_proj.bias.device, dtype=self.dt_proj.bias.dtype)
-        dt = torch.exp(log_min + u * (log_max - log_min)).clamp(min=floor)  # log-uniform in [dt_min, dt_max]
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(bias) == dt
+        bias = self.dt_proj.bias
+        bias.copy_(inverse_softplus_time_steps(self.d_inner, dt_min, dt_max, floor, bias.device, bias.dtype))
         self.dt_proj.bias._no_reinit = True
 
     def extra_repr(self) -> str:
@@ -149,12 +148,12 @@ class Mamba(nn.Module):
         )
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
         x, z = xz.chunk(2, dim=1)  # (B, E, L) each
-        conv_state = _last_columns(x, self.d_conv) if return_states else None  # (B, E, d_conv)
+        conv_state = last_columns(x, self.d_conv) if return_states else None  # (B, E, d_conv)
         x = causal_conv1d(x, self._conv_weight(), self.conv1d.bias, "silu", backend=self.backend)
         dt, B, C = self._project(x.transpose(1, 2))  # (B, L, E), (B, L, N), (B, L, N)
         y, ssm_state = selective_scan(
-            x, dt.transpose(1, 2), self._A(), B.transpose(1, 2), C.transpose(1, 2), _wide(self.D), z,
-            delta_bias=_wide(self.dt_proj.bias), delta_softplus=True, return_last_state=True, backend=self.backend,
+            x, dt.transpose(1, 2), self._A(), B.transpose(1, 2), C.transpose(1, 2), wide(self.D), z,
+            delta_bias=wide(self.dt_proj.bias), delta_softplus=True, return_last_state=True, backend=self.backend,
         )  # (B, E, L), (B, E, N)
         return self.out_proj(y.transpose(1, 2)), conv_state, ssm_state if return_states else None
 
@@ -186,14 +185,14 @@ class Mamba(nn.Module):
         batch = hidden_states.shape[0]
         if hidden_states.shape[1] != 1:
             raise ValueError(f"Mamba: step takes one token, input (B, 1, d_model), got {tuple(hidden_states.shape)}")
-        _state_shape("conv_state", conv_state, (batch, self.d_inner, self.d_conv))
-        _state_shape("ssm_state", ssm_state, (batch, self.d_inner, self.d_state))
+        state_shape("Mamba", "conv_state", conv_state, (batch, self.d_inner, self.d_conv))
+        state_shape("Mamba", "ssm_state", ssm_state, (batch, self.d_inner, self.d_state))
         x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)  # (B, E) each
         x = causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias, "silu", backend=self.backend)
         dt, B, C = self._project(x)  # (B, E), (B, N), (B, N)
         y = selective_state_update(
-            ssm_state, x, dt, self._A(), B, C, _wide(self.D), z,
-            dt_bias=_wide(self.dt_proj.bias), dt_softplus=True, backend=self.backend,
+            ssm_state, x, dt, self._A(), B, C, wide(self.D), z,
+            dt_bias=wide(self.dt_proj.bias), dt_softplus=True, backend=self.backend,
         )  # (B, E)
         return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
 
@@ -201,26 +200,10 @@ class Mamba(nn.Module):
         return self.conv1d.weight.squeeze(1)  # (E, 1, d_conv) -> (E, d_conv)
 
     def _A(self) -> Tensor:
-        return -torch.exp(_wide(self.A_log))  # (E, N), negative: a decaying state
+        return -torch.exp(wide(self.A_log))  # (E, N), negative: a decaying state
 
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (..., E) -> dt (..., E) before its bias and softplus, B (..., N), C (..., N)."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.linear(dt, self.dt_proj.weight), B, C
 
-
-def _last_columns(x: Tensor, width: int) -> Tensor:
-    """The last `width` steps of x (B, E, L), zero-padded on the left when L < width."""
-    return F.pad(x, (max(width - x.shape[-1], 0), 0))[..., -width:].contiguous()
-
-
-def _wide(t: Tensor) -> Tensor:
-    """`t` in float32, or float64 when it is float64 (the scan's parameters in its math dtype)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def _state_shape(name: str, state, shape: tuple) -> None:
-    if not isinstance(state, Tensor):
-        raise TypeError(f"Mamba: {name} must be a torch.Tensor of shape {shape}, got {type(state).__name__}")
-    if tuple(state.shape) != shape:
-        raise ValueError(f"Mamba: {name} must have shape {shape}, got {tuple(state.shape)}")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import rnnkern.nn
 from rnnkern.ops.selective_scan import SELECTIVE_SCAN
-from tests.conftest import backend_params
+from tests.conftest import backend_params, perturb_parameters
 from tests.tolerances import assert_close
 
 # The Triton interpreter is slow: Mamba runs it in one tiny case only (test_triton_backend_matches_reference).
@@ -31,11 +31,7 @@ def make_block(config, device="cpu", dtype=torch.float64, backend=None, seed=0, 
     torch.manual_seed(seed)
     block = rnnkern.nn.Mamba(**config, device=device, dtype=dtype, backend=backend)
     if perturb:
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for parameter in block.parameters():
-                noise = torch.randn(parameter.shape, generator=gen, dtype=torch.float64)
-                parameter.add_((0.1 * noise).to(parameter))
+        perturb_parameters(block, seed + 1, 0.1)
     return block
 
 
