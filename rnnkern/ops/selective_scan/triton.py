@@ -61,6 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rnnkern.ops._sequences import packed_index
 from rnnkern.ops._triton import to
 from rnnkern.ops.selective_scan.reference import CHUNK
 
@@ -172,14 +173,14 @@ def _bc_tile(ptr, row, offs_n, t, L, mask_nt, fixed, VARIABLE: tl.constexpr):
 
 @triton.jit
 def _segments(seq_ptr, t, L, VARLEN: tl.constexpr):
-    """Packed sequences over the steps t [BLOCK_T]: each step's sequence (int64) and whether it
+    """Packed sequences over the steps t [BLOCK_T]: each step's sequence and whether it
     starts or ends it (empty sequences own no step). Without VARLEN: zeros, all False (unused)."""
     if VARLEN:
         inside = t < L
         seq = tl.load(seq_ptr + t, mask=inside, other=-1)
         before = tl.load(seq_ptr + t - 1, mask=inside & (t > 0), other=-1)
         after = tl.load(seq_ptr + t + 1, mask=t + 1 < L, other=-1)
-        return seq.to(tl.int64), inside & (seq != before), inside & (seq != after)
+        return seq, inside & (seq != before), inside & (seq != after)
     else:
         none = t < 0
         return t * 0, none, none
@@ -455,11 +456,8 @@ def _row_strides(*tensors) -> tuple:
 
 
 def _sequence_index(cu_seqlens, length):
-    """(L,) int32: the packed sequence of every step, on the device (no host sync); None unpacked."""
-    if cu_seqlens is None:
-        return None
-    steps = torch.arange(length, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:].contiguous(), steps, right=True, out_int32=True)
+    """(L,) int64: the packed sequence of every step; None unpacked."""
+    return None if cu_seqlens is None else packed_index(cu_seqlens, length)
 
 
 def _optional(x, dtype=None):
