@@ -33,10 +33,12 @@ TORCH_LIBRARY(rnnkern_C, m) {
       "Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor)");
   m.def(
       "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-      "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, bool training) -> (Tensor, Tensor, Tensor)");
+      "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, Tensor? cu_seqlens, bool training) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-      "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, Tensor checkpoints, Tensor grad_out, "
+      "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, Tensor? cu_seqlens, Tensor checkpoints, "
+      "Tensor grad_out, "
       "Tensor grad_last_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("lstm_step(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) "
         "-> (Tensor, Tensor, Tensor)");

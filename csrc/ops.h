@@ -42,22 +42,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd_cpu(
     const at::Tensor& grad_y, const at::Tensor& grad_h_n, const std::optional<at::Tensor>& lengths, bool reverse);
 
 // Mamba's selective scan over u, delta (Bt, Dm, L) with B/C variable (Bt, G, N, L) or fixed
-// (Dm, N) (see rnnkern/ops/selective_scan/reference.py for the exact contract). The forward
+// (Dm, N), optionally packed sequences along L (cu_seqlens, Bt == 1; see
+// rnnkern/ops/selective_scan/reference.py for the exact contract). The forward
 // returns (out, last_state, checkpoints), checkpoints empty unless training; the backward
 // returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd_cpu(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
     const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
-    const std::optional<at::Tensor>& initial_state, bool training);
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& cu_seqlens, bool training);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
 selective_scan_bwd_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                        const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                        const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                       const std::optional<at::Tensor>& initial_state, const at::Tensor& checkpoints,
-                       const at::Tensor& grad_out, const at::Tensor& grad_last_state);
+                       const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& cu_seqlens,
+                       const at::Tensor& checkpoints, const at::Tensor& grad_out, const at::Tensor& grad_last_state);
 
 // x (..., K) W^T + bias for a weight W (N, K): a recurrent layer's input projection.
 at::Tensor input_projection_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);

@@ -13,6 +13,12 @@
 // last to first; per channel it recomputes the chunk's states from the stored checkpoint
 // into a (kChunk + 1, N) scratch buffer and runs the chunk's steps backwards. No tensor of
 // shape (Bt, Dm, L, N) is ever allocated.
+//
+// Packed sequences (cu_seqlens, Bt == 1): a step that starts a sequence reads that sequence's
+// initial state (or zeros) as x_{t-1}, a step that ends one stores its last state; backwards,
+// the end of a sequence sets h to d(last_state) instead of carrying it, and its start hands
+// a_t h to d(initial_state). Checkpoints stay the packed stream's state before every kChunk-th
+// step, so a chunk may hold several sequences.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -84,6 +90,26 @@ at::Tensor kernel_layout(const at::Tensor& x, at::ScalarType acc) {
   return x.dim() == 2 ? x.to(acc).contiguous() : x.to(acc).transpose(-1, -2).contiguous();
 }
 
+// Which sequence each step belongs to: row b is sequence b, or row 0 holds packed sequences
+// (index[t] for step t; empty ones own no step).
+template <typename acc_t>
+struct Sequences {
+  const int64_t* index;        // (L,), or null when not packed
+  int64_t dim, length, state_size;  // Dm, L, N
+  const acc_t* initial_state;  // (Bt | S, Dm, N) or null
+  const acc_t* zeros;          // (N,)
+
+  int64_t of(int64_t b, int64_t t) const { return index ? index[t] : b; }
+  bool starts(int64_t t) const { return t == 0 || (index && index[t] != index[t - 1]); }
+  bool ends(int64_t t) const { return t == length - 1 || (index && index[t] != index[t + 1]); }
+  // row (sequence, d) of a (Bt | S, Dm, N) tensor
+  int64_t row(int64_t sequence, int64_t d) const { return (sequence * dim + d) * state_size; }
+  // what channel d of `sequence` starts from
+  const acc_t* initial(int64_t sequence, int64_t d) const {
+    return initial_state ? initial_state + row(sequence, d) : zeros;
+  }
+};
+
 // ---------------------------------------------------------------------------------------
 // The scan's inputs as both kernels read them: u, delta and z in input_t (the input dtype in
 // the forward, the state dtype in the backward), the parameters in the state dtype.
@@ -106,19 +132,16 @@ template <typename scalar_t, typename acc_t>
 struct ScanForward {
   int64_t dim, length, state_size;  // Dm, L, N
   ScanInputs<scalar_t, acc_t> in;
-  const acc_t* initial_state;        // (Bt, Dm, N) or null (zeros)
+  Sequences<acc_t> seqs;
   scalar_t* out;                     // (Bt, Dm, L)
-  acc_t* last_state;                 // (Bt, Dm, N)
+  acc_t* last_state;                 // (Bt | S, Dm, N)
   acc_t* checkpoints;                // (Bt, Dm, chunks, N), or null when not training
 
-  // Channel d of sequence b through every step; x: scratch for its N state values.
+  // Channel d of row b through every step; x: scratch for its N state values.
   RNNKERN_VECTORIZED void run(int64_t b, int64_t d, acc_t* __restrict x) const {
     const int64_t N = state_size, row = b * dim + d;
-    if (initial_state) {
-      std::copy_n(initial_state + row * N, N, x);
-    } else {
-      std::fill_n(x, N, acc_t(0));
-    }
+    // x_{-1}: row b's initial state, zeros when packed (step 0 starts a sequence)
+    std::copy_n(seqs.index ? seqs.zeros : seqs.initial(b, d), N, x);
     const acc_t* __restrict a_row = in.A + d * N;
     const acc_t* b_row = in.B.channel(b, d);
     const acc_t* c_row = in.C.channel(b, d);
@@ -130,6 +153,7 @@ struct ScanForward {
       if (checkpoints && t % kChunk == 0) {
         std::copy_n(x, N, checkpoints + (row * num_chunks(length) + t / kChunk) * N);
       }
+      if (seqs.index && seqs.starts(t)) std::copy_n(seqs.initial(seqs.of(b, t), d), N, x);
       const acc_t dt = step_size(static_cast<acc_t>(delta_row[t]), bias, in.softplus);
       const acc_t u_t = static_cast<acc_t>(u_row[t]);
       const acc_t dt_u = dt * u_t;
@@ -147,8 +171,8 @@ struct ScanForward {
         y *= math::silu(z_t);
       }
       out_row[t] = static_cast<scalar_t>(y);
+      if (seqs.ends(t)) std::copy_n(x, N, last_state + seqs.row(seqs.of(b, t), d));
     }
-    std::copy_n(x, N, last_state + row * N);
   }
 };
 
@@ -158,14 +182,16 @@ struct ScanForward {
 //   h += dy C_t                  dC_t += dy x_t
 //   dB_t += h delta' u           du = dy D + delta' (h . B_t)
 //   d(delta') = (h . (A a_t x_{t-1})) + u (h . B_t)               dA += delta' h a_t x_{t-1}
-//   h = a_t h                    (so h at the end is d(initial_state))
+//   h = a_t h                    (so h at a sequence's start is d(initial_state))
+// with h = d(last_state) at the last step of each sequence, before that step's terms.
 template <typename acc_t>
 struct ScanBackward {
   int64_t batch, dim, length, state_size;       // Bt, Dm, L, N
   ScanInputs<acc_t, acc_t> in;
+  Sequences<acc_t> seqs;
   const acc_t* checkpoints;                     // (Bt, Dm, chunks, N)
   const acc_t* grad_out;                        // (Bt, Dm, L)
-  const acc_t* grad_last_state;                 // (Bt, Dm, N)
+  const acc_t* grad_last_state;                 // (Bt | S, Dm, N)
   acc_t* du;                                    // (Bt, Dm, L)
   acc_t* ddelta;                                // (Bt, Dm, L)
   acc_t* dz;                                    // (Bt, Dm, L) or null
@@ -173,7 +199,7 @@ struct ScanBackward {
   acc_t* dA;                                    // (Bt, Dm, N) zeroed, summed over Bt afterwards
   acc_t* dD;                                    // (Bt, Dm) zeroed, or null
   acc_t* ddelta_bias;                           // (Bt, Dm) zeroed, or null
-  acc_t* dinitial_state;                        // (Bt, Dm, N)
+  acc_t* dinitial_state;                        // (Bt | S, Dm, N)
 
   // Per-task scratch for one chunk of one channel.
   struct Scratch {
@@ -184,17 +210,20 @@ struct ScanBackward {
     acc_t slope[kChunk];        // d(delta')/d(delta)
   };
 
-  // Channels [d0, d1) of sequence b; their B/C gradients go to `slot`. h: (d1 - d0, N).
+  // Channels [d0, d1) of row b; their B/C gradients go to `slot`. h: (d1 - d0, N), set at
+  // the last step (which ends a sequence).
   void run(int64_t b, int64_t d0, int64_t d1, int64_t slot, acc_t* h, Scratch& scratch) const {
-    const int64_t N = state_size;
-    std::copy_n(grad_last_state + (b * dim + d0) * N, (d1 - d0) * N, h);
     for (int64_t c = num_chunks(length) - 1; c >= 0; --c) {
       for (int64_t d = d0; d < d1; ++d) {
         recompute_chunk(b, d, c, scratch);
-        backward_chunk(b, d, c, slot, h + (d - d0) * N, scratch);
+        backward_chunk(b, d, c, slot, h + (d - d0) * state_size, scratch);
       }
     }
-    std::copy_n(h, (d1 - d0) * N, dinitial_state + (b * dim + d0) * N);
+  }
+
+  // x_{t-1} of step t0 + s, from the chunk's recomputed states or, at a sequence start, its initial state.
+  const acc_t* previous(int64_t b, int64_t d, int64_t t, int64_t s, const Scratch& scratch) const {
+    return seqs.index && seqs.starts(t) ? seqs.initial(seqs.of(b, t), d) : scratch.states.data() + s * state_size;
   }
 
   RNNKERN_VECTORIZED void recompute_chunk(int64_t b, int64_t d, int64_t c, Scratch& scratch) const {
@@ -214,7 +243,7 @@ struct ScanBackward {
       const acc_t dt_u = dt * u_t;
       const acc_t* __restrict b_t = b_row + t * in.B.time_stride;
       const acc_t* __restrict c_t = c_row + t * in.C.time_stride;
-      const acc_t* __restrict x_prev = scratch.states.data() + s * N;
+      const acc_t* __restrict x_prev = previous(b, d, t, s, scratch);
       acc_t* __restrict x = scratch.states.data() + (s + 1) * N;
       acc_t* __restrict a = scratch.decays.data() + s * N;
       acc_t y = 0;
@@ -242,6 +271,7 @@ struct ScanBackward {
     acc_t d_skip = 0, d_bias = 0;
     for (int64_t s = steps - 1; s >= 0; --s) {
       const int64_t t = t0 + s;
+      if (seqs.ends(t)) std::copy_n(grad_last_state + seqs.row(seqs.of(b, t), d), N, h);
       const acc_t u_t = in.u[row * length + t], g = grad_out[row * length + t];
       const acc_t dt = scratch.dt[s];
       acc_t dy = g;
@@ -256,7 +286,7 @@ struct ScanBackward {
       const acc_t* __restrict c_t = c_row + t * in.C.time_stride;
       acc_t* __restrict db_t = db_row + t * dB.time_stride;
       acc_t* __restrict dc_t = dc_row + t * dC.time_stride;
-      const acc_t* __restrict x_prev = scratch.states.data() + s * N;
+      const acc_t* __restrict x_prev = previous(b, d, t, s, scratch);
       const acc_t* __restrict x = scratch.states.data() + (s + 1) * N;
       const acc_t* __restrict a = scratch.decays.data() + s * N;
       acc_t h_b = 0, h_decay = 0;  // h . B_t and h . (A a_t x_{t-1})
@@ -275,6 +305,7 @@ struct ScanBackward {
       const acc_t d_delta = (h_decay + u_t * h_b) * scratch.slope[s];
       ddelta[row * length + t] = d_delta;
       d_bias += d_delta;
+      if (seqs.starts(t)) std::copy_n(h, N, dinitial_state + seqs.row(seqs.of(b, t), d));
     }
     if (dD) dD[row] += d_skip;
     if (ddelta_bias) ddelta_bias[row] += d_bias;
@@ -336,6 +367,29 @@ ScanShape check_inputs(const char* op, const at::Tensor& u, const at::Tensor& de
   return {batch, dim, length, n, std::max(groups_b, groups_c)};
 }
 
+// (L,) int64: the packed sequence of every step, from cu_seqlens (S + 1,) checked to start at 0,
+// never decrease and end at L; undefined when not packed.
+at::Tensor sequence_index(const char* op, const std::optional<at::Tensor>& cu_seqlens, int64_t batch,
+                          int64_t length) {
+  if (!cu_seqlens.has_value()) return at::Tensor();
+  TORCH_CHECK(cu_seqlens->scalar_type() == at::kInt || cu_seqlens->scalar_type() == at::kLong, op,
+              ": cu_seqlens must be int32 or int64, got ", cu_seqlens->scalar_type());
+  TORCH_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->size(0) >= 2, op,
+              ": cu_seqlens must have shape (S + 1,) with S >= 1, got ", cu_seqlens->sizes());
+  TORCH_CHECK(batch == 1, op, ": with cu_seqlens the batch size must be 1, got ", batch);
+  const at::Tensor bounds = cu_seqlens->to(at::kLong).contiguous();
+  const int64_t* cu = bounds.data_ptr<int64_t>();
+  const int64_t count = bounds.numel() - 1;
+  TORCH_CHECK(cu[0] == 0 && cu[count] == length, op, ": cu_seqlens must start at 0 and end at L=", length);
+  at::Tensor index = at::empty({length}, bounds.options());
+  int64_t* seq = index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK(cu[i] <= cu[i + 1] && cu[i + 1] <= length, op, ": cu_seqlens must be non-decreasing");
+    std::fill(seq + cu[i], seq + cu[i + 1], i);
+  }
+  return index;
+}
+
 // Optional (Dm,) vectors in the state dtype, or undefined.
 at::Tensor acc_or_undefined(const std::optional<at::Tensor>& x, at::ScalarType acc) {
   return x.has_value() ? x->to(acc).contiguous() : at::Tensor();
@@ -356,13 +410,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd_cpu(
     const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
     const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
-    const std::optional<at::Tensor>& initial_state, bool training) {
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& cu_seqlens, bool training) {
   constexpr const char* op = "selective_scan_fwd";
   const ScanShape shape = check_inputs(op, u_in, delta_in, A, B, C, D, z, delta_bias);
   const int64_t batch = shape.batch, dim = shape.dim, length = shape.length, N = shape.state_size;
   const auto dtype = u_in.scalar_type();
   const auto acc = at::toOpMathType(dtype);
-  cpu::check_optional(op, "initial_state", initial_state, {batch, dim, N}, acc);
+  const at::Tensor index = sequence_index(op, cu_seqlens, batch, length);
+  const int64_t sequences = index.defined() ? cu_seqlens->size(0) - 1 : batch;
+  cpu::check_optional(op, "initial_state", initial_state, {sequences, dim, N}, acc);
 
   const at::Tensor u = u_in.contiguous(), delta = delta_in.contiguous();
   const at::Tensor z_c = cpu::contiguous_or_undefined(z);
@@ -370,8 +426,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd_cpu(
   const at::Tensor D_acc = acc_or_undefined(D, acc), bias = acc_or_undefined(delta_bias, acc);
   const at::Tensor h0 = cpu::contiguous_or_undefined(initial_state);
   const auto acc_options = u.options().dtype(acc);
+  const at::Tensor zeros = at::zeros({N}, acc_options);
   at::Tensor out = at::empty(u.sizes(), u.options());
-  at::Tensor last_state = at::empty({batch, dim, N}, acc_options);
+  // an empty packed sequence ends where it starts; the kernel writes every other row
+  at::Tensor last_state = h0.defined() ? h0.clone() : at::zeros({sequences, dim, N}, acc_options);
   at::Tensor checkpoints = training ? at::empty({batch, dim, num_chunks(length), N}, acc_options)
                                     : at::empty({0}, acc_options);
 
@@ -382,7 +440,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd_cpu(
         {u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), cpu::data_or_null<scalar_t>(z_c), A_acc.data_ptr<acc_t>(),
          operand_of<acc_t>(B_k, dim, length), operand_of<acc_t>(C_k, dim, length), cpu::data_or_null<acc_t>(D_acc),
          cpu::data_or_null<acc_t>(bias), delta_softplus},
-        cpu::data_or_null<acc_t>(h0), out.data_ptr<scalar_t>(), last_state.data_ptr<acc_t>(),
+        {cpu::data_or_null<int64_t>(index), dim, length, N, cpu::data_or_null<acc_t>(h0), zeros.data_ptr<acc_t>()},
+        out.data_ptr<scalar_t>(), last_state.data_ptr<acc_t>(),
         training ? checkpoints.data_ptr<acc_t>() : nullptr};
     at::parallel_for(0, batch * dim, 1, [&](int64_t first, int64_t last) {
       std::vector<acc_t> x(N);
@@ -398,23 +457,26 @@ selective_scan_bwd_cpu(const at::Tensor& u_in, const at::Tensor& delta_in, const
                        const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
                        const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
                        bool delta_softplus, const std::optional<at::Tensor>& initial_state,
-                       const at::Tensor& checkpoints_in, const at::Tensor& grad_out_in,
-                       const at::Tensor& grad_last_state) {
+                       const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& checkpoints_in,
+                       const at::Tensor& grad_out_in, const at::Tensor& grad_last_state) {
   constexpr const char* op = "selective_scan_bwd";
   const ScanShape shape = check_inputs(op, u_in, delta_in, A, B, C, D, z, delta_bias);
   const int64_t batch = shape.batch, dim = shape.dim, length = shape.length, N = shape.state_size;
   const auto acc = at::toOpMathType(u_in.scalar_type());
-  cpu::check_optional(op, "initial_state", initial_state, {batch, dim, N}, acc);
+  const at::Tensor index = sequence_index(op, cu_seqlens, batch, length);
+  const int64_t sequences = index.defined() ? cu_seqlens->size(0) - 1 : batch;
+  cpu::check_optional(op, "initial_state", initial_state, {sequences, dim, N}, acc);
   cpu::check_tensor(op, "checkpoints", checkpoints_in, {batch, dim, num_chunks(length), N}, acc);
   cpu::check_shape(op, "grad_out", grad_out_in, u_in.sizes());
   check_float(op, "grad_out", grad_out_in);
-  cpu::check_shape(op, "grad_last_state", grad_last_state, {batch, dim, N});
+  cpu::check_shape(op, "grad_last_state", grad_last_state, {sequences, dim, N});
 
   const auto acc_options = u_in.options().dtype(acc);
   const at::Tensor u = u_in.to(acc).contiguous(), delta = delta_in.to(acc).contiguous();
   const at::Tensor z_acc = acc_or_undefined(z, acc);
   const at::Tensor A_acc = A.to(acc).contiguous(), B_k = kernel_layout(B, acc), C_k = kernel_layout(C, acc);
   const at::Tensor D_acc = acc_or_undefined(D, acc), bias = acc_or_undefined(delta_bias, acc);
+  const at::Tensor h0 = cpu::contiguous_or_undefined(initial_state), zeros = at::zeros({N}, acc_options);
   const at::Tensor checkpoints = checkpoints_in.contiguous();
   const at::Tensor grad_out = grad_out_in.to(acc).contiguous();
   const at::Tensor grad_last = grad_last_state.to(acc).contiguous();
@@ -435,7 +497,8 @@ selective_scan_bwd_cpu(const at::Tensor& u_in, const at::Tensor& delta_in, const
   at::Tensor dA = at::zeros({batch, dim, N}, acc_options);
   at::Tensor dD = D.has_value() ? at::zeros({batch, dim}, acc_options) : at::Tensor();
   at::Tensor dbias = delta_bias.has_value() ? at::zeros({batch, dim}, acc_options) : at::Tensor();
-  at::Tensor dinitial = at::empty({batch, dim, N}, acc_options);
+  // an empty packed sequence passes d(last_state) on; the kernel writes every other row
+  at::Tensor dinitial = grad_last.clone();
 
   AT_DISPATCH_FLOATING_TYPES(acc, "selective_scan_bwd_cpu", [&] {
     using acc_t = scalar_t;
@@ -450,6 +513,7 @@ selective_scan_bwd_cpu(const at::Tensor& u_in, const at::Tensor& delta_in, const
         {u.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), cpu::data_or_null<acc_t>(z_acc), A_acc.data_ptr<acc_t>(),
          operand_of<acc_t>(B_k, dim, length), operand_of<acc_t>(C_k, dim, length), cpu::data_or_null<acc_t>(D_acc),
          cpu::data_or_null<acc_t>(bias), delta_softplus},
+        {cpu::data_or_null<int64_t>(index), dim, length, N, cpu::data_or_null<acc_t>(h0), zeros.data_ptr<acc_t>()},
         checkpoints.data_ptr<acc_t>(),
         grad_out.data_ptr<acc_t>(), grad_last.data_ptr<acc_t>(), du.data_ptr<acc_t>(), ddelta.data_ptr<acc_t>(),
         cpu::data_or_null<acc_t>(dz), grad_operand(dB_k), grad_operand(dC_k), dA.data_ptr<acc_t>(),

@@ -1,4 +1,5 @@
-"""Time bookkeeping shared by the recurrent ops: per-sequence lengths and directions.
+"""Time bookkeeping shared by the recurrent ops: per-sequence lengths and directions, and
+sequences packed along time.
 
 A batch of B sequences padded to T steps, where sequence b holds lengths[b] valid steps.
 Going forward, step s of sequence b is time s; going in reverse it is time lengths[b]-1-s,
@@ -11,6 +12,13 @@ from torch import Tensor
 
 from rnnkern import _backends
 from rnnkern.ops import _checks
+
+
+def packed_index(cu_seqlens: Tensor, steps: int) -> Tensor:
+    """(T,) int64: the packed sequence each of T steps belongs to, for offsets cu_seqlens (S + 1,)
+    (empty sequences own no step); computed on cu_seqlens' device, without a host sync."""
+    times = torch.arange(steps, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), times, right=True)
 
 
 def full_lengths(batch: int, steps: int, device: torch.device) -> Tensor:

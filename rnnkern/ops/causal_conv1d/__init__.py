@@ -40,43 +40,45 @@ CAUSAL_CONV1D_UPDATE = _backends.Op(
 
 @torch.library.custom_op("rnnkern::causal_conv1d", mutates_args=())
 def _causal_conv1d_op(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], backend: str
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], cu_seqlens: Optional[Tensor],
+    backend: str,
 ) -> Tensor:
     forward = CAUSAL_CONV1D.function(backend, "causal_conv1d_fwd")
-    return forward(x, weight, bias, activation)
+    return forward(x, weight, bias, activation, cu_seqlens)
 
 
 @_causal_conv1d_op.register_fake
-def _(x, weight, bias, activation, backend):
+def _(x, weight, bias, activation, cu_seqlens, backend):
     return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("rnnkern::causal_conv1d_bwd", mutates_args=())
 def _causal_conv1d_bwd_op(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], grad_out: Tensor, backend: str
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], cu_seqlens: Optional[Tensor],
+    grad_out: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     backward = CAUSAL_CONV1D.function(backend, "causal_conv1d_bwd")
-    return backward(x, weight, bias, activation, grad_out)
+    return backward(x, weight, bias, activation, cu_seqlens, grad_out)
 
 
 @_causal_conv1d_bwd_op.register_fake
-def _(x, weight, bias, activation, grad_out, backend):
+def _(x, weight, bias, activation, cu_seqlens, grad_out, backend):
     grad_bias = x.new_empty((weight.shape[0],) if bias is not None else (0,))
     return x.new_empty(x.shape), weight.new_empty(weight.shape), grad_bias
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, activation, backend = inputs
-    ctx.save_for_backward(x, weight, bias)
+    x, weight, bias, activation, cu_seqlens, backend = inputs
+    ctx.save_for_backward(x, weight, bias, cu_seqlens)
     ctx.activation, ctx.backend = activation, backend
 
 
 def _backward(ctx, grad_out):
-    x, weight, bias = ctx.saved_tensors
+    x, weight, bias, cu_seqlens = ctx.saved_tensors
     grad_x, grad_weight, grad_bias = _causal_conv1d_bwd_op(
-        x, weight, bias, ctx.activation, grad_out, ctx.backend
+        x, weight, bias, ctx.activation, cu_seqlens, grad_out, ctx.backend
     )
-    return grad_x, grad_weight, (grad_bias if bias is not None else None), None, None
+    return grad_x, grad_weight, (grad_bias if bias is not None else None), None, None, None
 
 
 _causal_conv1d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -105,6 +107,7 @@ def causal_conv1d(
     bias: Optional[Tensor] = None,
     activation: Optional[str] = None,
     *,
+    cu_seqlens: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Depthwise causal 1-D convolution over time, with an optional fused SiLU.
@@ -121,6 +124,10 @@ def causal_conv1d(
             dtype and device of ``x``.
         bias: optional ``(D,)``, dtype and device of ``x``.
         activation: None, ``"silu"`` or its alias ``"swish"``.
+        cu_seqlens: int32/int64 ``(S + 1,)`` offsets ``[0, l_0, l_0 + l_1, ..., L]`` of S sequences
+            packed along L, with ``B == 1``, on x's device, starting at 0, non-decreasing and
+            ending at L (as :func:`rnnkern.selective_scan`'s): each sequence sees zeros before its
+            own start (``x_{t < start} = 0``), never the previous sequence's inputs.
         backend: force a backend (see :func:`rnnkern.linear_scan`); every backend runs the
             same F.conv1d here.
 
@@ -133,10 +140,11 @@ def causal_conv1d(
         >>> x = torch.randn(2, 64, 100)                   # (B, D, L)
         >>> w, b = torch.randn(64, 4), torch.randn(64)    # 4 taps per channel
         >>> y = rnnkern.causal_conv1d(x, w, b, activation="silu")   # (2, 64, 100)
+        >>> y = rnnkern.causal_conv1d(x[:1], w, b, cu_seqlens=torch.tensor([0, 30, 100]))  # 2 sequences
     """
-    activation = _validate(x, weight, bias, activation)
+    activation = _validate(x, weight, bias, activation, cu_seqlens)
     name = _backends.select(CAUSAL_CONV1D, x.device, x.dtype, backend)
-    return _causal_conv1d_op(x, weight, bias, activation, name)
+    return _causal_conv1d_op(x, weight, bias, activation, cu_seqlens, name)
 
 
 def causal_conv1d_update(
@@ -183,10 +191,12 @@ def causal_conv1d_update(
     return CAUSAL_CONV1D_UPDATE.function(name, "causal_conv1d_update")(x, conv_state, weight, bias, activation)
 
 
-def _validate(x, weight, bias, activation) -> Optional[str]:
+def _validate(x, weight, bias, activation, cu_seqlens) -> Optional[str]:
     """Checks the arguments of causal_conv1d; returns the op's activation name."""
     _checks.sequence("x", x, "(B, D, L)", time_dim=2)
     _check_weights(x, weight, bias)
+    if cu_seqlens is not None:
+        _checks.cu_seqlens(cu_seqlens, x, total=x.shape[2])
     return _activation(activation)
 
 

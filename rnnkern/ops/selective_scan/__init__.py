@@ -29,69 +29,75 @@ SELECTIVE_STATE_UPDATE = _backends.Op(
 @torch.library.custom_op("rnnkern::selective_scan", mutates_args=())
 def _selective_scan_op(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-    delta_bias: Optional[Tensor], delta_softplus: bool, initial_state: Optional[Tensor], training: bool,
-    backend: str,
+    delta_bias: Optional[Tensor], delta_softplus: bool, initial_state: Optional[Tensor],
+    cu_seqlens: Optional[Tensor], training: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     forward = SELECTIVE_SCAN.function(backend, "selective_scan_fwd")
-    return forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, training)
+    return forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, training)
 
 
 @_selective_scan_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, training, backend):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, training, backend):
     batch, dims, length = u.shape
     acc = state_dtype(u.dtype)
     checkpoints = (batch, dims, num_chunks(length), A.shape[1]) if training else (0,)
-    return u.new_empty(u.shape), u.new_empty((batch, dims, A.shape[1]), dtype=acc), \
+    return u.new_empty(u.shape), u.new_empty(_last_state_shape(u, A, cu_seqlens), dtype=acc), \
         u.new_empty(checkpoints, dtype=acc)
+
+
+def _last_state_shape(u: Tensor, A: Tensor, cu_seqlens: Optional[Tensor]) -> tuple:
+    """(Bt, Dm, N), or (S, Dm, N) for S packed sequences."""
+    sequences = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return sequences, u.shape[1], A.shape[1]
 
 
 @torch.library.custom_op("rnnkern::selective_scan_bwd", mutates_args=())
 def _selective_scan_bwd_op(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-    delta_bias: Optional[Tensor], delta_softplus: bool, initial_state: Optional[Tensor], checkpoints: Tensor,
-    grad_out: Tensor, grad_last_state: Tensor, backend: str,
+    delta_bias: Optional[Tensor], delta_softplus: bool, initial_state: Optional[Tensor],
+    cu_seqlens: Optional[Tensor], checkpoints: Tensor, grad_out: Tensor, grad_last_state: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     backward = SELECTIVE_SCAN.function(backend, "selective_scan_bwd")
-    return backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, checkpoints, grad_out,
-                    grad_last_state)
+    return backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, checkpoints,
+                    grad_out, grad_last_state)
 
 
 @_selective_scan_bwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, checkpoints, grad_out, grad_last_state,
-      backend):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, checkpoints, grad_out,
+      grad_last_state, backend):
     acc = state_dtype(u.dtype)
 
     def like(x: Optional[Tensor], shape=None) -> Tensor:
         return u.new_empty((0,) if x is None else (shape or x.shape), dtype=acc)
 
     return (like(u), like(u), like(A), like(B), like(C), like(D), like(z), like(delta_bias),
-            like(u, (u.shape[0], u.shape[1], A.shape[1])))
+            like(u, grad_last_state.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, training, backend = inputs
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, training, backend = inputs
     _, _, checkpoints = output
     ctx.mark_non_differentiable(checkpoints)
     ctx.set_materialize_grads(False)  # no zero tensors for the workspace outputs' gradients
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, checkpoints)
     ctx.delta_softplus, ctx.training, ctx.backend = delta_softplus, training, backend
 
 
 def _backward(ctx, grad_out, grad_last_state, _grad_checkpoints):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, checkpoints = ctx.saved_tensors
     if not ctx.training:
         raise RuntimeError("selective_scan ran with training=False; it kept nothing to differentiate")
     if grad_out is None:
         grad_out = torch.zeros_like(u)
     if grad_last_state is None:
-        grad_last_state = u.new_zeros((u.shape[0], u.shape[1], A.shape[1]), dtype=state_dtype(u.dtype))
+        grad_last_state = u.new_zeros(_last_state_shape(u, A, cu_seqlens), dtype=state_dtype(u.dtype))
     grads = _selective_scan_bwd_op(
-        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, initial_state, checkpoints, grad_out,
+        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, initial_state, cu_seqlens, checkpoints, grad_out,
         grad_last_state, ctx.backend,
     )
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     cast = [None if x is None else g.to(x.dtype) for g, x in zip(grads, inputs)]
-    return (*cast[:8], None, cast[8], None, None)
+    return (*cast[:8], None, cast[8], None, None, None)
 
 
 _selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
@@ -128,6 +134,7 @@ def selective_scan(
     return_last_state: bool = False,
     initial_state: Optional[Tensor] = None,
     *,
+    cu_seqlens: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Selective state-space scan (Mamba's S6), with mamba_ssm's ``selective_scan_fn`` arguments.
@@ -151,13 +158,20 @@ def selective_scan(
         D: skip connection ``(D,)`` or None. z: gate ``(B, D, L)`` like ``u``, or None.
         delta_bias: ``(D,)`` added to delta, or None. delta_softplus: apply softplus to delta.
         return_last_state: also return the state after the last step.
-        initial_state: ``(B, D, N)`` in u's dtype or the state dtype; zeros when None.
+        initial_state: ``(B, D, N)`` (``(S, D, N)`` with ``cu_seqlens``) in u's dtype or the state
+            dtype; zeros when None.
+        cu_seqlens: int32/int64 ``(S + 1,)`` offsets ``[0, l_0, l_0 + l_1, ..., L]`` of S sequences
+            packed along L, with ``B == 1``; on u's device, starting at 0, non-decreasing and
+            ending at L (checked on the host for CPU tensors, asynchronously on the GPU). The
+            recurrence restarts at every sequence: from ``initial_state[i]`` (or zeros), with no
+            value or gradient crossing a boundary. Empty sequences are allowed: their last state
+            is their initial state.
         backend: force ``"reference"``, ``"cpu"`` or ``"triton"`` (see
             :func:`rnnkern.linear_scan`).
 
     Returns:
         ``out`` ``(B, D, L)`` in u's dtype; with ``return_last_state`` also the last state
-        ``(B, D, N)`` in the state dtype (float32; float64 for fp64 inputs), in which the
+        ``(B, D, N)`` (``(S, D, N)`` packed: each sequence's) in the state dtype (float32; float64 for fp64 inputs), in which the
         recurrence runs throughout. Gradients flow to every tensor argument, from both.
 
     Example::
@@ -167,8 +181,11 @@ def selective_scan(
         >>> B, C = torch.randn(2, 16, 100), torch.randn(2, 16, 100)
         >>> out, last = rnnkern.selective_scan(u, delta, A, B, C, return_last_state=True)
         >>> out2 = rnnkern.selective_scan(u, delta, A, B, C, initial_state=last)  # continue
+        >>> cu_seqlens = torch.tensor([0, 30, 100])      # sequences of 30 and 70 steps, packed
+        >>> out, last = rnnkern.selective_scan(u[:1], delta[:1], A, B[:1], C[:1], return_last_state=True,
+        ...                                    cu_seqlens=cu_seqlens)  # last (2, 64, 16)
     """
-    _validate_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
+    _validate_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, cu_seqlens)
     name = _backends.select(SELECTIVE_SCAN, u.device, u.dtype, backend)
     acc = state_dtype(u.dtype)
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -176,7 +193,7 @@ def selective_scan(
     out, last_state, _ = _selective_scan_op(
         u.contiguous(), delta.contiguous(), A.to(acc).contiguous(), _variable(B), _variable(C),
         _vector(D, acc), None if z is None else z.contiguous(), _vector(delta_bias, acc), delta_softplus,
-        None if initial_state is None else initial_state.to(acc).contiguous(), training, name,
+        None if initial_state is None else initial_state.to(acc).contiguous(), cu_seqlens, training, name,
     )
     return (out, last_state) if return_last_state else out
 
@@ -252,7 +269,7 @@ def _vector(v: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
     return None if v is None else v.to(acc).contiguous()
 
 
-def _validate_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state):
+def _validate_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, cu_seqlens):
     batch, dims, length = _checks.sequence("u", u, "(B, D, L)", time_dim=2)
     _checks.like("delta", delta, "u", u, "(B, D, L)")
     n = _state_matrix(A, dims, u)
@@ -265,8 +282,9 @@ def _validate_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_l
         _checks.like("z", z, "u", u, "(B, D, L)")
     _checks.flag("delta_softplus", delta_softplus)
     _checks.flag("return_last_state", return_last_state)
+    sequences = batch if cu_seqlens is None else _checks.cu_seqlens(cu_seqlens, u, total=length)
     if initial_state is not None:
-        _checks.state("initial_state", initial_state, u, (batch, dims, n), state_dtype(u.dtype))
+        _checks.state("initial_state", initial_state, u, (sequences, dims, n), state_dtype(u.dtype))
 
 
 def _validate_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):

@@ -12,6 +12,11 @@ without softplus) and channel d reading group g = d // (Dm / G) of B and C:
                dB_t = h_t delta'_t u_t,   dC_t = gy_t x_t,   du_t = delta'_t sum_n h_t B_t + D gy_t
                d(initial_state) = a_0 h_0
 
+Packed sequences (``cu_seqlens`` (S + 1,), Bt == 1): the recurrence restarts at every sequence start
+s_i, x_{s_i - 1} = initial_state[i] (zeros when None), and last_state[i] is the state after its last
+step (its initial state when it is empty); nothing flows across a boundary, forward or backward.
+This reference runs each sequence alone.
+
 State and every gradient are kept in :func:`rnnkern.ops._common.state_dtype`. B and C are either "variable"
 ``(Bt, G, N, L)`` or "fixed" ``(Dm, N)``. Every backend implements these functions with the
 same arguments and results; this one keeps all L states at once, the kernels do not.
@@ -43,19 +48,15 @@ def selective_scan_fwd(
     z: Optional[Tensor],  # (Bt, Dm, L)
     delta_bias: Optional[Tensor],  # (Dm,)
     delta_softplus: bool,
-    initial_state: Optional[Tensor],  # (Bt, Dm, N) in state_dtype
+    initial_state: Optional[Tensor],  # (Bt, Dm, N) in state_dtype; (S, Dm, N) packed
+    cu_seqlens: Optional[Tensor],  # (S + 1,) offsets of S sequences packed along L, with Bt == 1
     training: bool,
-) -> tuple[Tensor, Tensor, Tensor]:  # out (Bt, Dm, L), last_state (Bt, Dm, N), checkpoints
-    acc = state_dtype(u.dtype)
-    dt = _discretisation_step(delta, delta_bias, delta_softplus, acc)  # (Bt, Dm, L)
-    states = _states(u.to(acc), dt, A.to(acc), _per_channel(B, u.shape[1], acc), _initial(u, A, initial_state))
-    y = _readout(states[1:], u, C, D, acc)  # (Bt, Dm, L)
-    out = y if z is None else y * F.silu(z.to(acc))
-    if training:  # the state before steps 0, CHUNK, 2 CHUNK, ...: (Bt, Dm, chunks, N)
-        checkpoints = torch.stack(states[: u.shape[2] : CHUNK], dim=2)
-    else:
-        checkpoints = _empty(u)
-    return out.to(u.dtype), states[-1].clone(), checkpoints
+) -> tuple[Tensor, Tensor, Tensor]:  # out (Bt, Dm, L), last_state (Bt | S, Dm, N), checkpoints
+    if cu_seqlens is not None:
+        return _packed_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, training)
+    out, states = _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, _initial(u, A, initial_state))
+    checkpoints = _checkpoints(states[:-1]) if training else _empty(u)
+    return out, states[-1].clone(), checkpoints
 
 
 def selective_scan_bwd(
@@ -69,12 +70,16 @@ def selective_scan_bwd(
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
     initial_state: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
     checkpoints: Tensor,  # unused here: this backend recomputes every state from initial_state
     grad_out: Tensor,  # (Bt, Dm, L)
-    grad_last_state: Tensor,  # (Bt, Dm, N)
+    grad_last_state: Tensor,  # (Bt | S, Dm, N)
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # du, ddelta (Bt, Dm, L); dA (Dm, N); dB, dC like B, C; dD (Dm,); dz (Bt, Dm, L);
-    # ddelta_bias (Dm,); dinitial_state (Bt, Dm, N). Missing inputs get empty (0,) gradients.
+    # ddelta_bias (Dm,); dinitial_state (Bt | S, Dm, N). Missing inputs get empty (0,) gradients.
+    if cu_seqlens is not None:
+        return _packed_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, grad_out,
+                           grad_last_state)
     acc = state_dtype(u.dtype)
     dims = u.shape[1]
     u_, A_ = u.to(acc), A.to(acc)
@@ -131,10 +136,67 @@ def selective_state_update(
     acc = state_dtype(x.dtype)
     out, last, _ = selective_scan_fwd(
         x[..., None], dt[..., None], A, B[..., None], C[..., None], D,
-        None if z is None else z[..., None], dt_bias, dt_softplus, state.to(acc), False,
+        None if z is None else z[..., None], dt_bias, dt_softplus, state.to(acc), None, False,
     )
     state.copy_(last)
     return out[..., 0]
+
+
+# ---------------------------------------------------------------------------------------
+# Packed sequences: each one run alone through the functions above.
+
+
+def _packed_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, training):
+    """Every sequence from its own initial state; checkpoints hold the packed stream's state
+    before steps 0, CHUNK, ... (zeros before step 0: it restarts anyway)."""
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    pieces, lasts, before = [], [], [_initial(u, A, None)]  # before: the state before each step
+    for i, (start, end) in enumerate(_spans(cu_seqlens)):
+        x0 = _initial(u, A, initial_state, i)
+        if start == end:  # an empty sequence ends in its initial state
+            lasts.append(x0)
+            continue
+        out, states = _forward(*_time_slice(inputs, start, end), delta_softplus, x0)
+        pieces.append(out)
+        lasts.append(states[-1])
+        before += states[1:]
+    checkpoints = _checkpoints(before[:-1]) if training else _empty(u)
+    return torch.cat(pieces, dim=2), torch.cat(lasts), checkpoints
+
+
+def _packed_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, grad_out,
+                grad_last_state):
+    """Every sequence's gradients alone: joined along time, summed for the parameters."""
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    per_sequence, grad_initial = [], []
+    for i, (start, end) in enumerate(_spans(cu_seqlens)):
+        grad_last = grad_last_state[i : i + 1].to(state_dtype(u.dtype))
+        if start == end:  # an empty sequence passes its last state's gradient to its initial state
+            grad_initial.append(grad_last)
+            continue
+        *grads, grad_x0 = selective_scan_bwd(
+            *_time_slice(inputs, start, end), delta_softplus, _initial(u, A, initial_state, i), None, _empty(u),
+            grad_out[..., start:end], grad_last)
+        per_sequence.append(grads)
+        grad_initial.append(grad_x0)
+    joined = [torch.cat(grads, dim=-1) if _has_time(x) else sum(grads) for x, grads in zip(inputs, zip(*per_sequence))]
+    return (*joined, torch.cat(grad_initial))
+
+
+def _spans(cu_seqlens: Tensor) -> list[tuple[int, int]]:
+    """(start, end) of every packed sequence."""
+    bounds = cu_seqlens.tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _has_time(x: Optional[Tensor]) -> bool:
+    """Whether an input has a time axis (its last): u, delta, z and variable B, C."""
+    return x is not None and x.dim() >= 3
+
+
+def _time_slice(inputs: tuple, start: int, end: int) -> list:
+    """The inputs of steps [start, end): time axes sliced, parameters as they are."""
+    return [x[..., start:end] if _has_time(x) else x for x in inputs]
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,11 +247,27 @@ def _add_at(grad: Tensor, t: int, value: Tensor) -> None:
     grad[..., t if grad.shape[3] > 1 else 0] += value  # fixed: summed over time too
 
 
-def _initial(u: Tensor, A: Tensor, initial_state: Optional[Tensor]) -> Tensor:
+def _initial(u: Tensor, A: Tensor, initial_state: Optional[Tensor], sequence: Optional[int] = None) -> Tensor:
+    """The state before step 0, (Bt, Dm, N); of one packed sequence, (1, Dm, N). Zeros when None."""
     acc = state_dtype(u.dtype)
     if initial_state is None:
         return u.new_zeros((u.shape[0], u.shape[1], A.shape[1]), dtype=acc)
-    return initial_state.to(acc)
+    return initial_state.to(acc) if sequence is None else initial_state[sequence : sequence + 1].to(acc)
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, x0) -> tuple[Tensor, list[Tensor]]:
+    """out (Bt, Dm, L) in u's dtype and the states [x_{-1} = x0, x_0, ..., x_{L-1}]."""
+    acc = state_dtype(u.dtype)
+    dt = _discretisation_step(delta, delta_bias, delta_softplus, acc)  # (Bt, Dm, L)
+    states = _states(u.to(acc), dt, A.to(acc), _per_channel(B, u.shape[1], acc), x0)
+    y = _readout(states[1:], u, C, D, acc)  # (Bt, Dm, L)
+    out = y if z is None else y * F.silu(z.to(acc))
+    return out.to(u.dtype), states
+
+
+def _checkpoints(before: list[Tensor]) -> Tensor:
+    """The states before steps 0, CHUNK, 2 CHUNK, ... of the states before every step: (Bt, Dm, chunks, N)."""
+    return torch.stack(before[::CHUNK], dim=2)
 
 
 def _states(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, x: Tensor) -> list[Tensor]:

@@ -61,6 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rnnkern.ops._sequences import packed_index
 from rnnkern.ops._triton import to
 from rnnkern.ops.selective_scan.reference import CHUNK
 
@@ -171,14 +172,64 @@ def _bc_tile(ptr, row, offs_n, t, L, mask_nt, fixed, VARIABLE: tl.constexpr):
 
 
 @triton.jit
-def _tile(c, x0, u_ptr, delta_ptr, B_ptr, C_ptr, u_rows, delta_rows, b_row, c_row, offs_n, mask_d, mask_n, L, A2, bias,
-          B_fixed, C_fixed, DELTA_SOFTPLUS: tl.constexpr, B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr,
-          BLOCK_T: tl.constexpr):
-    """Time tile c: its steps t [BLOCK_T] and their mask [BLOCK_D, BLOCK_T]; u, delta' and
+def _segments(seq_ptr, t, L, VARLEN: tl.constexpr):
+    """Packed sequences over the steps t [BLOCK_T]: each step's sequence and whether it
+    starts or ends it (empty sequences own no step). Without VARLEN: zeros, all False (unused)."""
+    if VARLEN:
+        inside = t < L
+        seq = tl.load(seq_ptr + t, mask=inside, other=-1)
+        before = tl.load(seq_ptr + t - 1, mask=inside & (t > 0), other=-1)
+        after = tl.load(seq_ptr + t + 1, mask=t + 1 < L, other=-1)
+        return seq, inside & (seq != before), inside & (seq != after)
+    else:
+        none = t < 0
+        return t * 0, none, none
+
+
+@triton.jit
+def _per_sequence(ptr, seq, param_offs, Dm, N):
+    """Pointers [BLOCK_D, BLOCK_N, BLOCK_T] to (seq[t], d, n) of a (S, Dm, N) tensor."""
+    return ptr + seq[None, None, :] * (Dm * N) + param_offs[:, :, None]
+
+
+@triton.jit
+def _restarts(decay, inp, h0_ptr, seq, starts, param_offs, mask_dn, Dm, N, HAS_INITIAL: tl.constexpr,
+              VARLEN: tl.constexpr):
+    """The tile's maps x -> a x + b, [BLOCK_D, BLOCK_N, BLOCK_T]: (a_t, delta'_t u_t B_t), except
+    that a step starting a packed sequence maps any x to a_t h0[seq] + delta'_t u_t B_t."""
+    if VARLEN:
+        first = starts[None, None, :]
+        b = inp
+        if HAS_INITIAL:
+            h0 = tl.load(_per_sequence(h0_ptr, seq, param_offs, Dm, N), mask=first & mask_dn[:, :, None], other=0.0)
+            b = inp + decay * h0
+        return tl.where(first, 0.0, decay), b
+    else:
+        return decay, inp
+
+
+@triton.jit
+def _sequence_ends(decay_next, dy_c, grad_last_ptr, seq, ends, param_offs, mask_dn, Dm, N, VARLEN: tl.constexpr):
+    """The backward's maps g -> a g + b over a tile, [BLOCK_D, BLOCK_N, BLOCK_T]: (a_{t+1}, dy_t C_t),
+    except that a step ending a packed sequence maps any g to d(last_state)[seq] + dy_t C_t."""
+    if VARLEN:
+        last = ends[None, None, :]
+        grad_last = tl.load(_per_sequence(grad_last_ptr, seq, param_offs, Dm, N), mask=last & mask_dn[:, :, None],
+                            other=0.0)
+        return tl.where(last, 0.0, decay_next), dy_c + grad_last
+    else:
+        return decay_next, dy_c
+
+
+@triton.jit
+def _tile(t, x0, u_ptr, delta_ptr, B_ptr, C_ptr, h0_ptr, u_rows, delta_rows, b_row, c_row, offs_n, mask_d, mask_n,
+          L, A2, bias, B_fixed, C_fixed, seq, starts, param_offs, mask_dn, Dm, N, DELTA_SOFTPLUS: tl.constexpr,
+          B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, HAS_INITIAL: tl.constexpr, VARLEN: tl.constexpr):
+    """The time tile of steps t [BLOCK_T]: their mask [BLOCK_D, BLOCK_T]; u, delta' and
     d(delta')/d(delta) [BLOCK_D, BLOCK_T]; B and C (see _bc_tile); and the states x_t from x0
-    [BLOCK_D, BLOCK_N] with their input terms delta'_t u_t B_t, [BLOCK_D, BLOCK_N, BLOCK_T].
-    Steps past L (delta' = 0) keep the state."""
-    t = c * BLOCK_T + tl.arange(0, BLOCK_T)
+    [BLOCK_D, BLOCK_N] with their decays a_t and input terms delta'_t u_t B_t,
+    [BLOCK_D, BLOCK_N, BLOCK_T]. Steps past L (delta' = 0) keep the state; packed sequences
+    restart (see _restarts)."""
     mask = mask_d[:, None] & (t < L)[None, :]
     mask_nt = mask_n[:, None] & (t < L)[None, :]  # [BLOCK_N, BLOCK_T]
     u = _load_tile(u_ptr, u_rows, t, mask)
@@ -187,8 +238,9 @@ def _tile(c, x0, u_ptr, delta_ptr, B_ptr, C_ptr, u_rows, delta_rows, b_row, c_ro
     C3 = _bc_tile(C_ptr, c_row, offs_n, t, L, mask_nt, C_fixed, C_VARIABLE)
     decay = tl.exp2(dt[:, None, :] * A2[:, :, None])  # [BLOCK_D, BLOCK_N, BLOCK_T]
     inp = (dt * u)[:, None, :] * B3
-    a, b = tl.associative_scan((decay, inp), axis=2, combine_fn=_compose)
-    return t, mask, mask_nt, u, dt, dt_grad, B3, C3, a * x0[:, :, None] + b, inp
+    maps = _restarts(decay, inp, h0_ptr, seq, starts, param_offs, mask_dn, Dm, N, HAS_INITIAL, VARLEN)
+    a, b = tl.associative_scan(maps, axis=2, combine_fn=_compose)
+    return mask, mask_nt, u, dt, dt_grad, B3, C3, a * x0[:, :, None] + b, decay, inp
 
 
 @triton.jit
@@ -223,13 +275,13 @@ def _bc_grad(ptr, row, offs_n, t, L, grad3, mask_nt, acc, slot, slot_size, VARIA
 
 @triton.jit(do_not_specialize=["L", "num_chunks"])
 def _selective_scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, h0_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, h0_ptr, seq_ptr,
     out_ptr, last_ptr, checkpoints_ptr,
     Dm, L, N, G_B, G_C, group_size_b, group_size_c, num_chunks,
     stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_z_b, stride_z_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     HAS_INITIAL: tl.constexpr, B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, TRAINING: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     i_b, i_d, offs_d, offs_n, mask_d, mask_n, mask_dn, param_offs, state_offs, checkpoint_offs = _program_block(
         Dm, N, num_chunks, BLOCK_D, BLOCK_N)
@@ -239,35 +291,42 @@ def _selective_scan_fwd_kernel(
     A2, offs_t = A * LOG2E, tl.arange(0, BLOCK_T)  # A log2(e): exp(v A) = exp2(v A2)
     u_rows, delta_rows = i_b * stride_u_b + offs_d * stride_u_d, i_b * stride_delta_b + offs_d * stride_delta_d
     z_rows, out_rows = i_b * stride_z_b + offs_d * stride_z_d, (i_b * Dm + offs_d) * L  # [BLOCK_D]
-    if HAS_INITIAL:
+    if HAS_INITIAL and not VARLEN:
         x = tl.load(h0_ptr + state_offs, mask=mask_dn, other=0.0)
-    else:
+    else:  # packed: step 0 starts a sequence
         x = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     for c in range(0, num_chunks):
         if TRAINING:
             tl.store(checkpoints_ptr + checkpoint_offs + c * N, x, mask=mask_dn)
-        t, mask, _, u, _, _, _, C3, xs, _ = _tile(
-            c, x, u_ptr, delta_ptr, B_ptr, C_ptr, u_rows, delta_rows, b_row, c_row, offs_n, mask_d, mask_n, L, A2,
-            bias, B_fixed, C_fixed, DELTA_SOFTPLUS, B_VARIABLE, C_VARIABLE, BLOCK_T)
+        t = c * BLOCK_T + offs_t
+        seq, starts, ends = _segments(seq_ptr, t, L, VARLEN)
+        mask, _, u, _, _, _, C3, xs, _, _ = _tile(
+            t, x, u_ptr, delta_ptr, B_ptr, C_ptr, h0_ptr, u_rows, delta_rows, b_row, c_row, offs_n, mask_d, mask_n,
+            L, A2, bias, B_fixed, C_fixed, seq, starts, param_offs, mask_dn, Dm, N, DELTA_SOFTPLUS, B_VARIABLE,
+            C_VARIABLE, HAS_INITIAL, VARLEN)
         y = tl.sum(C3 * xs, axis=1) + skip[:, None] * u  # [BLOCK_D, BLOCK_T]
         if HAS_Z:
             z = _load_tile(z_ptr, z_rows, t, mask)
             y = y * z * tl.sigmoid(z)
         tl.store(out_ptr + out_rows[:, None] + t[None, :], to(y, out_ptr.dtype.element_ty), mask=mask)
+        if VARLEN:  # the state after each sequence's last step
+            tl.store(_per_sequence(last_ptr, seq, param_offs, Dm, N), xs, mask=ends[None, None, :] & mask_dn[:, :, None])
         x = _column(xs, offs_t, BLOCK_T - 1)  # steps past L kept the state
-    tl.store(last_ptr + state_offs, x, mask=mask_dn)
+    if not VARLEN:
+        tl.store(last_ptr + state_offs, x, mask=mask_dn)
 
 
 @triton.jit(do_not_specialize=["L", "num_chunks", "bc_slot_size"])
 def _selective_scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, checkpoints_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, h0_ptr, seq_ptr, checkpoints_ptr,
     grad_out_ptr, grad_last_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, ddelta_bias_ptr, dh0_ptr,
     Dm, L, N, G_B, G_C, group_size_b, group_size_c, num_chunks, bc_slots, bc_slot_size,
     stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_z_b, stride_z_d, stride_dout_b, stride_dout_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
-    B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, ATOMIC_PARAMS: tl.constexpr, ATOMIC_BC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, HAS_INITIAL: tl.constexpr, VARLEN: tl.constexpr,
+    ATOMIC_PARAMS: tl.constexpr, ATOMIC_BC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     i_b, i_d, offs_d, offs_n, mask_d, mask_n, mask_dn, param_offs, state_offs, checkpoint_offs = _program_block(
         Dm, N, num_chunks, BLOCK_D, BLOCK_N)
@@ -279,7 +338,10 @@ def _selective_scan_bwd_kernel(
     u_rows, delta_rows = i_b * stride_u_b + offs_d * stride_u_d, i_b * stride_delta_b + offs_d * stride_delta_d
     z_rows, dout_rows = i_b * stride_z_b + offs_d * stride_z_d, i_b * stride_dout_b + offs_d * stride_dout_d
     grad_rows = (i_b * Dm + offs_d) * L  # [BLOCK_D] into du, ddelta, dz
-    g = tl.load(grad_last_ptr + state_offs, mask=mask_dn, other=0.0)  # dL/dx at the step after the tile
+    if VARLEN:  # dL/dx at the step after the tile; packed, each sequence's end adds d(last_state)
+        g = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    else:
+        g = tl.load(grad_last_ptr + state_offs, mask=mask_dn, other=0.0)
     dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     dB_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     dC_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
@@ -288,9 +350,12 @@ def _selective_scan_bwd_kernel(
     for k in range(0, num_chunks):
         c = num_chunks - 1 - k
         x0 = tl.load(checkpoints_ptr + checkpoint_offs + c * N, mask=mask_dn, other=0.0)
-        t, mask, mask_nt, u, dt, dt_grad, B3, C3, xs, inp = _tile(
-            c, x0, u_ptr, delta_ptr, B_ptr, C_ptr, u_rows, delta_rows, b_row, c_row, offs_n, mask_d, mask_n, L, A2,
-            bias, B_fixed, C_fixed, DELTA_SOFTPLUS, B_VARIABLE, C_VARIABLE, BLOCK_T)
+        t = c * BLOCK_T + offs_t
+        seq, starts, ends = _segments(seq_ptr, t, L, VARLEN)
+        mask, mask_nt, u, dt, dt_grad, B3, C3, xs, decay, inp = _tile(
+            t, x0, u_ptr, delta_ptr, B_ptr, C_ptr, h0_ptr, u_rows, delta_rows, b_row, c_row, offs_n, mask_d, mask_n,
+            L, A2, bias, B_fixed, C_fixed, seq, starts, param_offs, mask_dn, Dm, N, DELTA_SOFTPLUS, B_VARIABLE,
+            C_VARIABLE, HAS_INITIAL, VARLEN)
         dy = _load_tile(grad_out_ptr, dout_rows, t, mask)  # [BLOCK_D, BLOCK_T]
         if HAS_Z:
             z = _load_tile(z_ptr, z_rows, t, mask)
@@ -302,10 +367,14 @@ def _selective_scan_bwd_kernel(
         dt_next, _ = _delta(delta_ptr, delta_rows, t + 1, mask_d[:, None] & (t + 1 < L)[None, :], bias,
                             DELTA_SOFTPLUS)
         decay_next = tl.exp2(dt_next[:, None, :] * A2[:, :, None])
-        g_a, g_b = tl.associative_scan((decay_next, dy[:, None, :] * C3), axis=2, combine_fn=_compose,
-                                       reverse=True)
+        maps = _sequence_ends(decay_next, dy[:, None, :] * C3, grad_last_ptr, seq, ends, param_offs, mask_dn, Dm, N,
+                              VARLEN)
+        g_a, g_b = tl.associative_scan(maps, axis=2, combine_fn=_compose, reverse=True)
         gs = g_a * g[:, :, None] + g_b  # [BLOCK_D, BLOCK_N, BLOCK_T] dL/dx_t
         g = _column(gs, offs_t, 0)
+        if VARLEN:  # d(initial_state) of each sequence: a_t g_t at its first step
+            tl.store(_per_sequence(dh0_ptr, seq, param_offs, Dm, N), decay * gs,
+                     mask=starts[None, None, :] & mask_dn[:, :, None])
         g_decay = gs * (xs - inp)  # g_t a_t x_{t-1}
         dA_acc += tl.sum(g_decay * dt[:, None, :], axis=2)
         gB = tl.sum(gs * B3, axis=1)  # [BLOCK_D, BLOCK_T]
@@ -318,9 +387,10 @@ def _selective_scan_bwd_kernel(
                           bc_slot_size, B_VARIABLE, ATOMIC_BC)
         dC_acc = _bc_grad(dC_ptr, c_row, offs_n, t, L, dy[:, None, :] * xs, mask_nt, dC_acc, bc_slot,
                           bc_slot_size, C_VARIABLE, ATOMIC_BC)
-    dt_first, _ = _delta(delta_ptr, delta_rows, offs_t, mask_d[:, None] & (offs_t == 0)[None, :], bias,
-                         DELTA_SOFTPLUS)
-    tl.store(dh0_ptr + state_offs, tl.exp2(tl.sum(dt_first, axis=1)[:, None] * A2) * g, mask=mask_dn)
+    if not VARLEN:
+        dt_first, _ = _delta(delta_ptr, delta_rows, offs_t, mask_d[:, None] & (offs_t == 0)[None, :], bias,
+                             DELTA_SOFTPLUS)
+        tl.store(dh0_ptr + state_offs, tl.exp2(tl.sum(dt_first, axis=1)[:, None] * A2) * g, mask=mask_dn)
     _reduce(dA_ptr, i_b, Dm * N, param_offs, dA_acc, mask_dn, ATOMIC_PARAMS)
     if not B_VARIABLE:
         _reduce(dB_ptr, i_b, Dm * N, param_offs, dB_acc, mask_dn, ATOMIC_PARAMS)
@@ -385,18 +455,30 @@ def _row_strides(*tensors) -> tuple:
     return tuple(s for x in tensors for s in ((0, 0) if x is None else x.stride()[:2]))
 
 
+def _sequence_index(cu_seqlens, length):
+    """(L,) int64: the packed sequence of every step; None unpacked."""
+    return None if cu_seqlens is None else packed_index(cu_seqlens, length)
+
+
 def _optional(x, dtype=None):
     if x is None:
         return None
     return (x if dtype is None else x.to(dtype)).contiguous()
 
 
-def _flags(D, z, delta_bias, delta_softplus, B_variable, C_variable):
+def _flags(D, z, delta_bias, delta_softplus, B_variable, C_variable, initial_state, cu_seqlens):
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
-                DELTA_SOFTPLUS=bool(delta_softplus), B_VARIABLE=B_variable, C_VARIABLE=C_variable)
+                DELTA_SOFTPLUS=bool(delta_softplus), B_VARIABLE=B_variable, C_VARIABLE=C_variable,
+                HAS_INITIAL=initial_state is not None, VARLEN=cu_seqlens is not None)
 
 
-def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, training):
+def _per_sequence_or(x, shape, like):
+    """A (S, Dm, N) result of packed sequences, prefilled for the empty ones (which own no step):
+    a copy of x, zeros when None. The kernels write the others."""
+    return like.new_zeros(shape, dtype=torch.float32) if x is None else x.to(torch.float32, copy=True)
+
+
+def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, training):
     Bt, Dm, L = u.shape
     N = A.shape[1]
     u, delta = _rows(u), _rows(delta)
@@ -408,14 +490,16 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
     initial_state = _optional(initial_state, torch.float32)
     num_chunks = triton.cdiv(L, CHUNK)
     out = torch.empty((Bt, Dm, L), dtype=u.dtype, device=u.device)
-    last_state = u.new_empty((Bt, Dm, N), dtype=torch.float32)
+    if cu_seqlens is None:
+        last_state = u.new_empty((Bt, Dm, N), dtype=torch.float32)
+    else:
+        last_state = _per_sequence_or(initial_state, (cu_seqlens.shape[0] - 1, Dm, N), u)
     checkpoints = u.new_empty((Bt, Dm, num_chunks, N) if training else (0,), dtype=torch.float32)
     block_d, block_n = plan(Bt, Dm, N, _group_size(B_variable, group_b, C_variable, group_c))
     _selective_scan_fwd_kernel[(Bt, triton.cdiv(Dm, block_d))](
-        u, delta, A, B, C, D, z, delta_bias, initial_state, out, last_state, checkpoints,
-        Dm, L, N, G_B, G_C, group_b, group_c, num_chunks, *_row_strides(u, delta, z),
-        HAS_INITIAL=initial_state is not None, TRAINING=training,
-        **_flags(D, z, delta_bias, delta_softplus, B_variable, C_variable),
+        u, delta, A, B, C, D, z, delta_bias, initial_state, _sequence_index(cu_seqlens, L), out, last_state,
+        checkpoints, Dm, L, N, G_B, G_C, group_b, group_c, num_chunks, *_row_strides(u, delta, z), TRAINING=training,
+        **_flags(D, z, delta_bias, delta_softplus, B_variable, C_variable, initial_state, cu_seqlens),
         BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=BLOCK_T,
         num_warps=num_warps(block_d, block_n, FWD_ELEMENTS_PER_THREAD),
     )
@@ -430,10 +514,11 @@ def _shared_grad(slots: int, shape, atomic: bool, like):
     return torch.empty((slots, *shape), dtype=torch.float32, device=like.device)
 
 
-def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, checkpoints,
+def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, checkpoints,
                        grad_out, grad_last_state):
-    """`initial_state` is not read: chunk 0's checkpoint holds it. Deterministic under
-    torch.use_deterministic_algorithms(True) (see the module docstring)."""
+    """`initial_state` is read only where packed sequences restart (chunk 0's checkpoint holds it
+    otherwise). Deterministic under torch.use_deterministic_algorithms(True) (see the module
+    docstring)."""
     Bt, Dm, L = u.shape
     N = A.shape[1]
     u, delta, grad_out = _rows(u), _rows(delta), _rows(grad_out)
@@ -442,6 +527,7 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
     C, C_variable, G_C, group_c = _bc(C, Dm)
     D, delta_bias = _optional(D, torch.float32), _optional(delta_bias, torch.float32)
     z = None if z is None else _rows(z)
+    initial_state = None if cu_seqlens is None else _optional(initial_state, torch.float32)  # see above
     grad_last_state = grad_last_state.to(torch.float32).contiguous()
     group_size = _group_size(B_variable, group_b, C_variable, group_c)
     block_d, block_n = plan(Bt, Dm, N, group_size)
@@ -457,13 +543,17 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
     dC = _shared_grad(bc_slots if C_variable else Bt, C.shape, atomic_bc if C_variable else atomic_params, u)
     dD = _shared_grad(Bt, (Dm,) if D is not None else (0,), atomic_params, u)
     ddelta_bias = _shared_grad(Bt, (Dm,) if delta_bias is not None else (0,), atomic_params, u)
-    dinitial_state = torch.empty((Bt, Dm, N), **f32)
+    if cu_seqlens is None:
+        dinitial_state = torch.empty((Bt, Dm, N), **f32)
+    else:  # an empty sequence passes d(last_state) on to its initial state
+        dinitial_state = _per_sequence_or(grad_last_state, grad_last_state.shape, u)
     _selective_scan_bwd_kernel[(Bt, triton.cdiv(Dm, block_d))](
-        u, delta, A, B, C, D, z, delta_bias, checkpoints.contiguous(), grad_out, grad_last_state,
+        u, delta, A, B, C, D, z, delta_bias, initial_state, _sequence_index(cu_seqlens, L), checkpoints.contiguous(),
+        grad_out, grad_last_state,
         du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state,
         Dm, L, N, G_B, G_C, group_b, group_c, triton.cdiv(L, CHUNK), bc_slots, (B if B_variable else C).numel(),
         *_row_strides(u, delta, z, grad_out),
-        **_flags(D, z, delta_bias, delta_softplus, B_variable, C_variable),
+        **_flags(D, z, delta_bias, delta_softplus, B_variable, C_variable, initial_state, cu_seqlens),
         ATOMIC_PARAMS=atomic_params, ATOMIC_BC=atomic_bc,
         BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=BLOCK_T,
         num_warps=num_warps(block_d, block_n, BWD_ELEMENTS_PER_THREAD),
@@ -476,7 +566,8 @@ def aot_problems():
     """Launcher calls on meta tensors of realistic shapes (see rnnkern.aot): Mamba blocks of
     d_inner 1536/2560/5120 (z, D, delta_bias, softplus, B and C per step shared by the
     channels) at batch 8 and 1 in bf16/fp16/fp32, grouped and fixed B/C, inference from an
-    initial state, and the deterministic backward."""
+    initial state, 16 packed sequences (with and without initial states), and the
+    deterministic backward."""
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for channels in (1536, 2560, 5120):
             yield functools.partial(_forward_and_backward, 8, channels, dtype)
@@ -484,6 +575,8 @@ def aot_problems():
     yield functools.partial(_forward_and_backward, 8, 2560, torch.bfloat16, groups=2)
     yield functools.partial(_forward_and_backward, 8, 1536, torch.float32, groups=None, mamba=False)
     yield functools.partial(_forward_and_backward, 1, 5120, torch.bfloat16, training=False, initial=True)
+    for initial in (False, True):  # 16 packed sequences
+        yield functools.partial(_forward_and_backward, 1, 1536, torch.bfloat16, initial=initial, sequences=16)
     for batch in (8, 1):
         yield functools.partial(_deterministic, _forward_and_backward, batch, 2560, torch.bfloat16)
     yield functools.partial(_deterministic, _forward_and_backward, 8, 1536, torch.float32, groups=None)
@@ -499,7 +592,7 @@ def _deterministic(problem, *args, **kwargs):
 
 
 def _forward_and_backward(batch, channels, dtype, groups=1, mamba=True, training=True, initial=False, length=2048,
-                          state=16):
+                          state=16, sequences=None):
     meta = dict(device="meta", dtype=dtype)
     u, delta = torch.empty((batch, channels, length), **meta), torch.empty((batch, channels, length), **meta)
     A = torch.empty((channels, state), device="meta", dtype=torch.float32)
@@ -508,8 +601,9 @@ def _forward_and_backward(batch, channels, dtype, groups=1, mamba=True, training
     D = torch.empty(channels, device="meta", dtype=torch.float32) if mamba else None
     z = torch.empty((batch, channels, length), **meta) if mamba else None
     delta_bias = torch.empty(channels, device="meta", dtype=torch.float32) if mamba else None
-    h0 = torch.empty((batch, channels, state), device="meta", dtype=torch.float32) if initial else None
-    out, last, checkpoints = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, mamba, h0, training)
+    cu_seqlens = None if sequences is None else torch.empty(sequences + 1, device="meta", dtype=torch.int32)
+    h0 = torch.empty((sequences or batch, channels, state), device="meta", dtype=torch.float32) if initial else None
+    out, last, checkpoints = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, mamba, h0, cu_seqlens, training)
     if training:
-        selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, mamba, h0, checkpoints, torch.empty_like(out),
-                           torch.empty_like(last))
+        selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, mamba, h0, cu_seqlens, checkpoints,
+                           torch.empty_like(out), torch.empty_like(last))
