@@ -48,7 +48,7 @@ TORCH_LIBRARY(rnnkern_C, m) {
   m.def("causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, str? activation) -> Tensor");
   m.def(
       "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
-      "Tensor? z, Tensor? dt_bias, bool dt_softplus) -> Tensor");
+      "Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rnnkern_C, CPU, m) {

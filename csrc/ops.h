@@ -80,7 +80,8 @@ std::tuple<at::Tensor, at::Tensor> gru_step_cpu(
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh);
 
 // One-token Mamba decode steps for fp32/fp64, the states updated in place (see
-// rnnkern/ops/causal_conv1d/reference.py and rnnkern/ops/selective_scan/reference.py).
+// rnnkern/ops/causal_conv1d/reference.py and rnnkern/ops/selective_scan/reference.py); the
+// selective scan's in the multi-head form, x (B, H, P) and state (slots, H, P, N).
 at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias,
                                     std::optional<c10::string_view> activation);
@@ -88,6 +89,7 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state,
 at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
                                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                       const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                                      const std::optional<at::Tensor>& dt_bias, bool dt_softplus);
+                                      const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
+                                      const std::optional<at::Tensor>& state_batch_indices);
 
 }  // namespace rnnkern

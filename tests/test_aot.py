@@ -45,7 +45,7 @@ def test_triton_kernel_compiles(reports, name, target):
 
 def test_every_triton_kernel_is_registered():
     ops = Path(aot.__file__).parent / "ops"
-    modules = {f"rnnkern.ops.{path.parent.name}.triton" for path in ops.glob("*/triton.py")}
+    modules = {f"rnnkern.ops.{path.parent.name}.{path.stem}" for path in ops.glob("*/triton*.py")}
     assert modules == set(aot.TRITON_MODULES)
     registered = {launch.kernel_name for _, launch in aot.named_launches()}
     for module in modules:

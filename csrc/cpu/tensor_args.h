@@ -40,18 +40,26 @@ inline void check_float_or_double(const char* op, const char* name, const at::Te
               " must be float32 or float64, got ", x.scalar_type());
 }
 
+// A (batch,) int32/int64 tensor as contiguous int64 with every value in [low, high], or undefined.
+inline at::Tensor checked_int64(const char* op, const char* name, const std::optional<at::Tensor>& x, int64_t batch,
+                                int64_t low, int64_t high) {
+  if (!x.has_value()) return at::Tensor();
+  TORCH_CHECK(x->dim() == 1 && x->size(0) == batch, op, ": ", name, " must have shape (", batch, ",), got ",
+              x->sizes());
+  TORCH_CHECK(x->scalar_type() == at::kInt || x->scalar_type() == at::kLong, op, ": ", name,
+              " must be int32 or int64, got ", x->scalar_type());
+  at::Tensor values = x->to(at::kLong).contiguous();
+  if (batch > 0) {
+    TORCH_CHECK(values.min().item<int64_t>() >= low && values.max().item<int64_t>() <= high, op, ": ", name,
+                " must lie in [", low, ", ", high, "]");
+  }
+  return values;
+}
+
 // lengths as a contiguous int64 tensor with every value in [0, steps], or undefined.
 inline at::Tensor checked_lengths(const char* op, const std::optional<at::Tensor>& lengths, int64_t batch,
                                   int64_t steps) {
-  if (!lengths.has_value()) return at::Tensor();
-  TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == batch, op, ": lengths must have shape (", batch,
-              ",), got ", lengths->sizes());
-  at::Tensor values = lengths->to(at::kLong).contiguous();
-  if (batch > 0) {
-    TORCH_CHECK(values.min().item<int64_t>() >= 0 && values.max().item<int64_t>() <= steps, op,
-                ": lengths must lie in [0, ", steps, "]");
-  }
-  return values;
+  return checked_int64(op, "lengths", lengths, batch, 0, steps);
 }
 
 // ---------------------------------------------------------------------------------------

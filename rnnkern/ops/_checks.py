@@ -112,18 +112,20 @@ def lengths(lengths, batch: int, steps: int, device: torch.device) -> Tensor:
     if tuple(lengths.shape) != (batch,):
         raise ValueError(f"lengths must have shape ({batch},), got {tuple(lengths.shape)}")
     if not torch.compiler.is_compiling() and batch > 0:  # values are data: only checkable eagerly
-        _lengths_in_range(lengths, steps)
+        in_range("lengths", lengths, 0, steps, f"[0, T={steps}]")
     # host lengths for device inputs: staged at once, without waiting for the GPU's queued work
     return lengths.to(device=device, dtype=torch.int64, non_blocking=True)
 
 
-def _lengths_in_range(lengths: Tensor, steps: int) -> None:
-    if lengths.is_cuda:  # checked on the device: reading the values would wait for the GPU
-        torch._assert_async(((lengths >= 0) & (lengths <= steps)).all(), f"lengths must lie in [0, T={steps}]")
+def in_range(name: str, values: Tensor, low: int, high: int, doc: str) -> None:
+    """Every value of `values` lies in [low, high] (`doc` says so in the error). On CUDA it is
+    asserted on the device: reading the values would wait for the GPU."""
+    if values.is_cuda:
+        torch._assert_async(((values >= low) & (values <= high)).all(), f"{name} must lie in {doc}")
         return
-    low, high = int(lengths.min()), int(lengths.max())
-    if low < 0 or high > steps:
-        raise ValueError(f"lengths must lie in [0, T={steps}], got values in [{low}, {high}]")
+    smallest, largest = int(values.min()), int(values.max())
+    if smallest < low or largest > high:
+        raise ValueError(f"{name} must lie in {doc}, got values in [{smallest}, {largest}]")
 
 
 def _exact_shape(name: str, x, shape: tuple) -> None:

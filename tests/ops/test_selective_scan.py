@@ -391,13 +391,13 @@ def test_gradcheck_fp64(device, backend, layout):
 UPDATE_CASES = [(2, 6, 9, 4, "grouped3", OPTIONS), (1, 5, 4, 16, "shared", ("D", "z")), (2, 5, 3, 1, "shared", ())]
 
 
-def update_step(state, inputs, t, backend):
+def update_step(state, inputs, t, backend, state_batch_indices=None):
     """selective_state_update on column t of the scan's inputs."""
     z = inputs.get("z")
     return rnnkern.selective_state_update(
         state, inputs["u"][..., t], inputs["delta"][..., t], inputs["A"], inputs["B"][..., t], inputs["C"][..., t],
         D=inputs.get("D"), z=None if z is None else z[..., t], dt_bias=inputs.get("delta_bias"),
-        dt_softplus=inputs["delta_softplus"], backend=backend,
+        dt_softplus=inputs["delta_softplus"], state_batch_indices=state_batch_indices, backend=backend,
     )
 
 
@@ -440,13 +440,201 @@ def test_forcing_the_cpu_backend_on_a_dtype_its_update_kernel_lacks_is_an_error(
         update_step(inputs["initial_state"].clone(), inputs, 0, "cpu")
 
 
+@pytest.mark.parametrize("slots", [None, 5], ids=["rows", "pool"])
 @pytest.mark.parametrize("device,backend", backend_params(SELECTIVE_STATE_UPDATE))
-def test_state_update_opcheck(device, backend):
-    inputs = make_inputs((2, 6, 1, 4, "grouped3", OPTIONS), torch.float32, device)
-    state = inputs["initial_state"].clone()
-    args = (state, inputs["u"][..., 0], inputs["delta"][..., 0], inputs["A"], inputs["B"][..., 0],
-            inputs["C"][..., 0], inputs["D"], inputs["z"][..., 0], inputs["delta_bias"], True, backend)
+def test_state_update_opcheck(device, backend, slots):
+    """The op takes the multi-head form (the single-head one is a view of it)."""
+    kwargs = head_inputs((3, 4, 3, 4, 2, "scalarA", HEAD_OPTIONS), torch.float32, device, slots=slots)
+    args = tuple(kwargs[k] for k in ("state", "x", "dt", "A", "B", "C"))
+    D = kwargs["D"][:, None].expand(kwargs["dt_bias"].shape)  # (H,) -> (H, P)
+    args += (D, kwargs["z"], kwargs["dt_bias"], True, kwargs.get("state_batch_indices"), backend)
     torch.library.opcheck(torch.ops.rnnkern.selective_state_update.default, args)
+
+
+# --- one decoding step, multi-head (Mamba-2) form -------------------------------------
+
+HEAD_OPTIONS = ("D", "z", "bias", "softplus")
+# (batch, heads, head dim, state size, groups, A layout, options): A a scalar per head expanded
+# with stride 0 (Mamba-2) or a full (H, P, N); P and N not powers of two, G in {1, 2, H}
+HEAD_CASES = [
+    (2, 4, 3, 5, 2, "scalarA", HEAD_OPTIONS),
+    (1, 3, 5, 4, 1, "fullA", ("D", "z")),
+    (3, 2, 2, 1, 2, "scalarA", ("softplus",)),
+    (2, 6, 4, 8, 3, "fullA", ("bias", "softplus")),
+]
+
+
+def head_case_id(case) -> str:
+    batch, heads, dim, n, groups, layout, options = case
+    return "-".join([f"B{batch}-H{heads}-P{dim}-N{n}-G{groups}-{layout}", *options])
+
+
+def head_inputs(case, dtype, device, slots=None, seed=0) -> dict:
+    """Keyword arguments of selective_state_update in the multi-head form: make_inputs' first step
+    on the H P channels, split into heads; D one value per head. With `slots` the state is a pool
+    of that many slots and state_batch_indices names distinct ones, the second row padding (-1)
+    when there are two rows or more."""
+    batch, heads, dim, n, groups, layout, options = case
+    scan = make_inputs((batch, heads * dim, 1, n, f"grouped{groups}", options), dtype, device, seed)
+
+    def split(t):  # (B, H P, 1) -> (B, H, P)
+        return t[..., 0].unflatten(1, (heads, dim))
+
+    A = scan["A"].view(heads, dim, n)
+    if layout == "scalarA":  # Mamba-2's one value per head, expanded over (P, N) with stride 0
+        A = A[:, :1, :1].expand(A.shape)
+    inputs = dict(x=split(scan["u"]), dt=split(scan["delta"]), A=A, B=scan["B"][..., 0], C=scan["C"][..., 0],
+                  dt_softplus=scan["delta_softplus"])
+    if "D" in options:
+        inputs["D"] = scan["D"].view(heads, dim)[:, 0]
+    if "z" in options:
+        inputs["z"] = split(scan["z"])
+    if "bias" in options:
+        inputs["dt_bias"] = scan["delta_bias"].view(heads, dim)
+    gen = torch.Generator().manual_seed(seed + 1)
+    state = torch.randn((slots or batch, heads, dim, n), generator=gen, dtype=torch.float64)
+    inputs["state"] = state.to(device, scan["initial_state"].dtype)
+    if slots is not None:
+        chosen = torch.randperm(slots, generator=gen)[:batch]
+        if batch > 1:
+            chosen[1] = -1
+        inputs["state_batch_indices"] = chosen.to(device)
+    return inputs
+
+
+def head_step_fp64(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                   state_batch_indices=None):
+    """The multi-head step written out per row and head in fp64: (y, the new state)."""
+    state = state.double().clone()
+    batch, heads, _ = x.shape
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    slots = range(batch) if state_batch_indices is None else state_batch_indices.tolist()
+    for b, slot in enumerate(slots):
+        if slot == -1:
+            continue
+        for h in range(heads):
+            g = h // (heads // B.shape[1])
+            step = dt[b, h].double() + (0 if dt_bias is None else dt_bias[h].double())  # (P,)
+            if dt_softplus:
+                step = torch.log1p(torch.exp(step))
+            state[slot, h] = (torch.exp(step[:, None] * A[h].double()) * state[slot, h]
+                              + (step * x[b, h].double())[:, None] * B[b, g].double())
+            y[b, h] = state[slot, h] @ C[b, g].double() + (0 if D is None else D[h].double() * x[b, h].double())
+            if z is not None:
+                y[b, h] *= torch.nn.functional.silu(z[b, h].double())
+    return y, state
+
+
+def head_update(inputs: dict, backend) -> tuple:
+    """(y, state) of selective_state_update on a copy of the inputs' state."""
+    state = inputs["state"].clone()
+    y = rnnkern.selective_state_update(**dict(inputs, state=state), backend=backend)
+    return y, state
+
+
+HEAD_BACKENDS = backend_params(SELECTIVE_STATE_UPDATE)
+HEAD_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def head_params(cases=HEAD_CASES) -> list:
+    """(device, backend, case, dtype): fp32 and bf16 on every backend, fp64 where it runs."""
+    params = []
+    for dtype in HEAD_DTYPES:
+        for p in HEAD_BACKENDS:
+            device, backend = p.values
+            if backend == "triton" and dtype == torch.float64 or backend == "cpu" and dtype == torch.bfloat16:
+                continue
+            params += [pytest.param(device, backend, case, dtype, id=f"{p.id}-{head_case_id(case)}-{dtype_id(dtype)}",
+                                    marks=p.marks) for case in cases]
+    return params
+
+
+@pytest.mark.parametrize("slots", [None, 7], ids=["rows", "pool"])
+@pytest.mark.parametrize("case", HEAD_CASES, ids=head_case_id)
+def test_head_reference_matches_fp64_loop(case, slots):
+    inputs = head_inputs(case, torch.float64, "cpu", slots=slots)
+    y, state = head_update(inputs, "reference")
+    expected_y, expected_state = head_step_fp64(**inputs)
+    assert_close(y, expected_y, torch.float64, "y")
+    assert_close(state, expected_state, torch.float64, "state")
+
+
+@pytest.mark.parametrize("slots", [None, 7], ids=["rows", "pool"])
+@pytest.mark.parametrize("device,backend,case,dtype", head_params())
+def test_head_update_matches_reference(device, backend, case, dtype, slots):
+    inputs = head_inputs(case, dtype, device, slots=slots)
+    y, state = head_update(inputs, backend)
+    expected_y, expected_state = head_update(inputs, "reference")
+    assert y.dtype == dtype and y.shape == inputs["x"].shape
+    assert_close(y, expected_y, dtype, "y")
+    assert_close(state, expected_state, ops.state_dtype(dtype), "state")
+
+
+@pytest.mark.parametrize("device,backend", HEAD_BACKENDS)
+def test_head_update_reads_a_per_head_A_as_it_is(device, backend):
+    """A expanded from one value per head (stride 0 over P and N) gives what its contiguous copy gives."""
+    inputs = head_inputs(HEAD_CASES[0], torch.float32, device)
+    assert inputs["A"].stride()[1:] == (0, 0)
+    y, state = head_update(inputs, backend)
+    y_copy, state_copy = head_update(dict(inputs, A=inputs["A"].contiguous()), backend)
+    assert_close(y, y_copy, torch.float32, "y")
+    assert_close(state, state_copy, torch.float32, "state")
+
+
+@pytest.mark.parametrize("device,backend", HEAD_BACKENDS)
+def test_state_batch_indices_update_only_their_slots(device, backend):
+    """Rows 0 and 2 update slots 4 and 1 of a pool of 6; row 1 is padding (-1): y = 0 there, and
+    every other slot keeps its bits."""
+    inputs = head_inputs((3, 4, 3, 5, 2, "scalarA", HEAD_OPTIONS), torch.float32, device, slots=6)
+    indices = torch.tensor([4, -1, 1], dtype=torch.int32, device=device)
+    inputs["state_batch_indices"] = indices
+    y, state = head_update(inputs, backend)
+    untouched = [0, 2, 3, 5]
+    assert torch.equal(state[untouched], inputs["state"][untouched])
+    assert torch.equal(y[1], torch.zeros_like(y[1]))
+    rows = dict(inputs, state=inputs["state"][[4, 1]], state_batch_indices=None,
+                **{k: inputs[k][[0, 2]] for k in ("x", "dt", "B", "C", "z")})
+    expected_y, expected_state = head_update(rows, backend)
+    assert_close(y[[0, 2]], expected_y, torch.float32, "y")
+    assert_close(state[[4, 1]], expected_state, torch.float32, "state")
+
+
+@pytest.mark.parametrize("device,backend", HEAD_BACKENDS)
+def test_state_batch_indices_in_the_single_head_form(device, backend):
+    inputs = make_inputs(UPDATE_CASES[0], torch.float32, device)
+    pool = torch.randn(4, *inputs["initial_state"].shape[1:], device=device)
+    indices = torch.tensor([2, 0], device=device)
+    state = pool.clone()
+    y = update_step(state, inputs, 0, backend, state_batch_indices=indices)
+    rows = pool[indices]
+    expected = update_step(rows, inputs, 0, "reference")
+    assert_close(y, expected, torch.float32, "y")
+    assert_close(state[indices], rows, torch.float32, "state")
+    assert torch.equal(state[[1, 3]], pool[[1, 3]])
+
+
+@pytest.mark.parametrize("device,backend", HEAD_BACKENDS)
+def test_head_update_steps_equal_the_scan_of_the_channels(device, backend):
+    """T multi-head steps = selective_scan over the H P channels h P + p, A flattened to (H P, N)."""
+    batch, heads, dim, n, groups, length = 2, 4, 3, 5, 2, 5
+    case = (batch, heads, dim, n, groups, "scalarA", HEAD_OPTIONS)
+    steps = [head_inputs(case, torch.float32, device, seed=t) for t in range(length)]
+    first = steps[0]
+
+    def channels(k):  # (B, H, P) per step -> (B, H P, L)
+        return torch.stack([s[k].flatten(1) for s in steps], dim=2)
+
+    out, last = rnnkern.selective_scan(
+        channels("x"), channels("dt"), first["A"].flatten(0, 1), torch.stack([s["B"] for s in steps], dim=3),
+        torch.stack([s["C"] for s in steps], dim=3), first["D"].repeat_interleave(dim), channels("z"),
+        first["dt_bias"].flatten(), True, return_last_state=True, initial_state=first["state"].flatten(1, 2),
+        backend="reference")
+    state = first["state"].clone()
+    for t, s in enumerate(steps):
+        y = rnnkern.selective_state_update(state, s["x"], s["dt"], first["A"], s["B"], s["C"], first["D"], s["z"],
+                                           first["dt_bias"], True, backend=backend)
+        assert_close(y.flatten(1), out[..., t], torch.float32, f"y at step {t}")
+    assert_close(state.flatten(1, 2), last, torch.float32, "state after the last step")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
@@ -589,7 +777,8 @@ X = torch.randn(2, 5)
 UPDATE = dict(state=torch.zeros(2, 5, 3), x=X, dt=torch.rand(2, 5), A=-torch.rand(5, 3), B=torch.randn(2, 3),
               C=torch.randn(2, 3))
 BAD_UPDATE_INPUTS = {
-    "x-3d": (dict(x=X[..., None]), ValueError, r"x must have shape \(B, D\), got shape \(2, 5, 1\)"),
+    "x-4d": (dict(x=X[..., None, None]), ValueError, r"x must have shape \(B, D\) \(single-head\) or \(B, H, P\) \(multi-head\), got shape \(2, 5, 1, 1\)"),
+    "x-not-a-tensor": (dict(x=1.0), TypeError, r"x must be a torch\.Tensor of shape \(B, D\) .*, got float"),
     "dt-shape": (dict(dt=X[:1]), ValueError, r"dt must have the shape of x \(2, 5\), got \(1, 5\)"),
     "state-shape": (dict(state=torch.zeros(2, 5, 4)), ValueError, r"state must have shape \(2, 5, 3\), got \(2, 5, 4\)"),
     "state-dtype": (dict(state=torch.zeros(2, 5, 3, dtype=torch.float64)), TypeError, r"state must be torch\.float32, got torch\.float64"),
@@ -606,3 +795,44 @@ def test_bad_state_update_input_is_a_clear_error(case):
     overrides, error, message = case
     with pytest.raises(error, match=message):
         rnnkern.selective_state_update(**{**UPDATE, **overrides})
+
+
+XH = torch.randn(2, 4, 3)
+HEADS = dict(state=torch.zeros(2, 4, 3, 5), x=XH, dt=torch.rand(2, 4, 3), A=-torch.rand(4, 1, 1).expand(4, 3, 5),
+             B=torch.randn(2, 2, 5), C=torch.randn(2, 2, 5))
+INDICES = dict(state=torch.zeros(6, 4, 3, 5), state_batch_indices=torch.tensor([5, 0]))
+BAD_HEAD_UPDATE_INPUTS = {
+    "dt-shape": (dict(dt=XH[:, :3]), ValueError, r"dt must have the shape of x \(2, 4, 3\), got \(2, 3, 3\)"),
+    "A-2d": (dict(A=-torch.rand(4, 5)), ValueError, r"A must have shape \(H, P, N\), got shape \(4, 5\)"),
+    "A-heads": (dict(A=-torch.rand(4, 2, 5)), ValueError, r"A must have shape \(H, P, N\) with \(H, P\)=\(4, 3\) .*got \(4, 2, 5\)"),
+    "A-complex": (dict(A=torch.randn(4, 3, 5, dtype=torch.complex64)), TypeError, r"A must be real"),
+    "state-shape": (dict(state=torch.zeros(2, 4, 3, 4)), ValueError, r"state must have shape \(2, 4, 3, 5\), got \(2, 4, 3, 4\)"),
+    "state-pool-without-indices": (dict(state=torch.zeros(6, 4, 3, 5)), ValueError, r"state must have shape \(2, 4, 3, 5\), got \(6, 4, 3, 5\)"),
+    "B-groups-not-dividing-heads": (dict(B=torch.randn(2, 3, 5), C=torch.randn(2, 3, 5)), ValueError, r"B has G=3 groups, which must divide H=4"),
+    "B-state-size": (dict(B=torch.randn(2, 2, 4)), ValueError, r"B must have shape \(2, G, 5\) \(B, G, N\) or \(2, 5\) \(B, N\), got \(2, 2, 4\)"),
+    "B-C-groups-differ": (dict(C=torch.randn(2, 1, 5)), ValueError, r"B and C must have the same number of groups"),
+    "D-shape": (dict(D=torch.randn(3)), ValueError, r"D must have shape \(4, 3\) \(H, P\) or \(4,\) \(H,\), got \(3,\)"),
+    "dt-bias-shape": (dict(dt_bias=torch.randn(4, 2)), ValueError, r"dt_bias must have shape \(4, 3\) \(H, P\) or \(4,\) \(H,\), got \(4, 2\)"),
+    "z-shape": (dict(z=XH[:1]), ValueError, r"z must have the shape of x \(2, 4, 3\), got \(1, 4, 3\)"),
+    "indices-dtype": (dict(INDICES, state_batch_indices=torch.tensor([5.0, 0.0])), TypeError, r"state_batch_indices must be int32 or int64, got torch\.float32"),
+    "indices-not-a-tensor": (dict(INDICES, state_batch_indices=[5, 0]), TypeError, r"state_batch_indices must be a torch\.Tensor of shape \(2,\), got list"),
+    "indices-shape": (dict(INDICES, state_batch_indices=torch.tensor([5, 0, 1])), ValueError, r"state_batch_indices must have shape \(2,\) \(one slot per row of x\), got \(3,\)"),
+    "indices-device": (dict(INDICES, state_batch_indices=torch.tensor([5, 0], device="meta")), ValueError, r"state_batch_indices must be on the input's device \(cpu\), got meta"),
+    "indices-past-the-pool": (dict(INDICES, state_batch_indices=torch.tensor([6, 0])), ValueError, r"state_batch_indices must lie in \[-1, 6\) .*got values in \[0, 6\]"),
+    "indices-below-padding": (dict(INDICES, state_batch_indices=torch.tensor([-2, 0], dtype=torch.int32)), ValueError, r"state_batch_indices must lie in \[-1, 6\)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_HEAD_UPDATE_INPUTS.values(), ids=BAD_HEAD_UPDATE_INPUTS.keys())
+def test_bad_multi_head_state_update_input_is_a_clear_error(case):
+    overrides, error, message = case
+    with pytest.raises(error, match=message):
+        rnnkern.selective_state_update(**{**HEADS, **overrides})
+
+
+def test_the_cpu_kernel_refuses_an_index_past_the_pool():
+    """Called directly (no validation in front), the kernel raises rather than write outside the pool."""
+    inputs = head_inputs(HEAD_CASES[1], torch.float32, "cpu", slots=3)
+    args = [inputs[k] for k in ("state", "x", "dt", "A", "B", "C")]
+    with pytest.raises(RuntimeError, match=r"state_batch_indices must lie in \[-1, 2\]"):
+        torch.ops.rnnkern_C.selective_state_update(*args, None, None, None, False, torch.tensor([3]))

@@ -13,12 +13,11 @@ __all__ = ["CHUNK", "selective_scan", "selective_state_update", "state_dtype"]
 
 
 SELECTIVE_SCAN = _backends.sequence_op("selective_scan", __name__)
-# One decode step: a C++ kernel on the cpu backend (fp32/fp64); the reference's few torch ops on
-# CUDA tensors (the triton backend has no kernel of its own for it: it runs those same ops).
+# One decode step: a C++ kernel on the cpu backend (fp32/fp64), a Triton kernel on the triton backend.
 SELECTIVE_STATE_UPDATE = _backends.Op(
     "selective_state_update", functions=("selective_state_update",),
-    kernels={"reference": f"{__name__}.reference", "cpu": _backends.COMPILED, "triton": f"{__name__}.reference"},
-    dtypes={"cpu": _backends.STEP_DTYPES},
+    kernels={"reference": f"{__name__}.reference", "cpu": _backends.COMPILED, "triton": f"{__name__}.triton_update"},
+    dtypes={"cpu": _backends.STEP_DTYPES, "triton": _backends.TRITON_DTYPES},
 )
 
 
@@ -103,17 +102,19 @@ def _backward(ctx, grad_out, grad_last_state, _grad_checkpoints):
 _selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# In the multi-head form (see reference.selective_state_update), which the single-head form is a view of.
 @torch.library.custom_op("rnnkern::selective_state_update", mutates_args=("state",))
 def _selective_state_update_op(
     state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-    z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool, backend: str,
+    z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool, state_batch_indices: Optional[Tensor],
+    backend: str,
 ) -> Tensor:
     update = SELECTIVE_STATE_UPDATE.function(backend, "selective_state_update")
-    return update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
 
 
 @_selective_state_update_op.register_fake
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend):
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, backend):
     return x.new_empty(x.shape)
 
 
@@ -210,27 +211,45 @@ def selective_state_update(
     dt_bias: Optional[Tensor] = None,
     dt_softplus: bool = False,
     *,
+    state_batch_indices: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
-    """One decoding step of :func:`selective_scan`, updating ``state`` in place.
+    """One decoding step of :func:`selective_scan`, updating ``state`` in place; with
+    mamba_ssm's arguments, in its single-head (Mamba) and multi-head (Mamba-2) forms.
+
+    For every row b, channel (or head h and head position p) and state index n, with the
+    channel reading group g of B and C:
 
     .. math::
         \\Delta = \\text{softplus}(dt + dt_{bias})\\ (\\text{or without softplus}), \\qquad
-        \\text{state} \\leftarrow e^{\\Delta A} \\odot \\text{state} + \\Delta\\, B\\, x \\\\
-        y = \\textstyle\\sum_n C[n]\\, \\text{state}[n] + D\\, x, \\qquad y \\leftarrow y \\cdot \\text{silu}(z)
+        \\text{state}[n] \\leftarrow e^{\\Delta A[n]}\\, \\text{state}[n] + \\Delta\\, B[g, n]\\, x \\\\
+        y = \\textstyle\\sum_n C[g, n]\\, \\text{state}[n] + D\\, x, \\qquad y \\leftarrow y \\cdot \\text{silu}(z)
 
     Args:
-        state: ``(B, D, N)``, float32 (float64 for fp64 inputs) or x's dtype; overwritten with
-            the new state.
-        x, dt: ``(B, D)``; z: ``(B, D)`` or None, all of one dtype and device.
-        A: ``(D, N)``; B, C: ``(B, N)`` or grouped ``(B, G, N)``; D, dt_bias: ``(D,)`` or None.
+        state: float32 (float64 for fp64 inputs) or x's dtype; overwritten with the new state.
+            Single-head ``(B, D, N)``, multi-head ``(B, H, P, N)``; with ``state_batch_indices``
+            a pool ``(S, D, N)`` or ``(S, H, P, N)`` of S slots.
+        x, dt: single-head ``(B, D)`` (channels), multi-head ``(B, H, P)`` (heads, head dim);
+            z: like x, or None; all of one dtype and device.
+        A: single-head ``(D, N)``; multi-head ``(H, P, N)`` with any strides (Mamba-2's per-head
+            scalar expanded over P and N, strides ``(1, 0, 0)``, is read as it is, one exp per
+            (h, p)).
+        B, C: ``(B, N)`` or grouped ``(B, G, N)``, G dividing D (single-head: channel d reads
+            group ``d // (D / G)``) or H (multi-head: head h reads group ``h // (H / G)``).
+        D, dt_bias: single-head ``(D,)``; multi-head ``(H, P)`` or a per-head ``(H,)``; or None.
+        state_batch_indices: ``(B,)`` int32 or int64, or None (row b updates slot b). Row b reads
+            and updates slot ``state_batch_indices[b]`` of the pool and no other; -1 marks a
+            padding row, whose y is 0 and which touches no slot. Slots of two rows must differ.
+            Values outside [-1, S) are a ValueError (checked eagerly; on CUDA tensors asserted
+            on the device, without a host sync; not checked under torch.compile).
         backend: as :func:`selective_scan`'s. The cpu backend runs a C++ kernel for fp32/fp64
             (fp16/bf16 CPU inputs go to the reference unless cpu is forced, which is then an
-            error); on CUDA tensors the step runs the reference's torch ops.
+            error); the triton backend a Triton kernel (fp16, bf16, fp32).
 
     Returns:
-        ``y`` ``(B, D)`` in x's dtype. Calling it for t = 0, 1, ... on the columns of a
-        sequence gives :func:`selective_scan`'s output and last state.
+        ``y`` shaped like x, in x's dtype. Calling it for t = 0, 1, ... on the columns of a
+        sequence gives :func:`selective_scan`'s output and last state (multi-head: the scan of
+        the H P channels ``h P + p``).
 
     Example::
 
@@ -238,17 +257,25 @@ def selective_state_update(
         >>> x, dt = torch.randn(2, 64), torch.randn(2, 64)
         >>> B, C = torch.randn(2, 16), torch.randn(2, 16)
         >>> y = rnnkern.selective_state_update(state, x, dt, -torch.rand(64, 16), B, C, dt_softplus=True)
+
+    Mamba-2 (8 heads of 32, one group, N = 64), two requests in a pool of 4 slots::
+
+        >>> pool = torch.zeros(4, 8, 32, 64)            # (S, H, P, N)
+        >>> x, dt = torch.randn(2, 8, 32), torch.randn(2, 8, 32)
+        >>> A = (-torch.rand(8))[:, None, None].expand(8, 32, 64)  # a scalar per head
+        >>> B, C = torch.randn(2, 1, 64), torch.randn(2, 1, 64)
+        >>> D, dt_bias = torch.randn(8), torch.randn(8)
+        >>> y = rnnkern.selective_state_update(pool, x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=True,
+        ...                                    state_batch_indices=torch.tensor([3, 1]))  # slots 3 and 1
     """
-    _validate_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    _validate_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
     name = _backends.select(SELECTIVE_STATE_UPDATE, x.device, x.dtype, backend)
-    acc = state_dtype(x.dtype)
-    args = (state, x, dt, A.to(acc), _grouped(B).to(acc), _grouped(C).to(acc), _vector(D, acc), z,
-            _vector(dt_bias, acc), dt_softplus)
+    args = (*_head_form(state, x, dt, A, B, C, D, z, dt_bias), dt_softplus, state_batch_indices)
     if torch.compiler.is_compiling():
-        return _selective_state_update_op(*args, name)
+        return _selective_state_update_op(*args, name).view(x.shape)
     # eagerly the kernel runs directly: the op wrapper (kept for torch.compile) costs more
     # than the step itself
-    return SELECTIVE_STATE_UPDATE.function(name, "selective_state_update")(*args)
+    return SELECTIVE_STATE_UPDATE.function(name, "selective_state_update")(*args).view(x.shape)
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,6 +290,27 @@ def _variable(BC: Tensor) -> Tensor:
 def _grouped(BC: Tensor) -> Tensor:
     """(Bt, N) -> (Bt, 1, N); grouped (Bt, G, N) stays."""
     return BC[:, None] if BC.dim() == 2 else BC
+
+
+def _head_form(state, x, dt, A, B, C, D, z, dt_bias) -> tuple:
+    """The step's tensors in the multi-head form the kernels take, as views: a single-head step
+    of D channels and G groups is G heads of D / G (channel h D/G + p reads group h); A, B, C,
+    D and dt_bias in the state dtype, D and dt_bias per (head, position)."""
+    acc = state_dtype(x.dtype)
+    B, C = _grouped(B).to(acc), _grouped(C).to(acc)
+    if x.dim() == 2:
+        heads = (B.shape[1], -1)
+        state, x, dt, z = (None if t is None else t.unflatten(1, heads) for t in (state, x, dt, z))
+        A, D, dt_bias = (None if t is None else t.unflatten(0, heads) for t in (A, D, dt_bias))
+    return state, x, dt, A.to(acc), B, C, _per_head(D, x, acc), z, _per_head(dt_bias, x, acc)
+
+
+def _per_head(v: Optional[Tensor], x: Tensor, acc: torch.dtype) -> Optional[Tensor]:
+    """D or dt_bias (H, P) in acc; a per-head (H,) broadcast over P."""
+    if v is None:
+        return None
+    v = v.to(acc)
+    return v[:, None].expand(x.shape[1:]) if v.dim() == 1 else v
 
 
 def _vector(v: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
@@ -287,35 +335,99 @@ def _validate_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_l
         _checks.state("initial_state", initial_state, u, (sequences, dims, n), state_dtype(u.dtype))
 
 
-def _validate_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
-    _checks.tensor("x", x, ndim=2, shape_doc="(B, D)")
+def _validate_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+    forms = "(B, D) (single-head) or (B, H, P) (multi-head)"
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape {forms}, got {type(x).__name__}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must have shape {forms}, got shape {tuple(x.shape)}")
     _checks.float_dtype("x", x)
+    doc = "(B, D)" if x.dim() == 2 else "(B, H, P)"
+    _checks.like("dt", dt, "x", x, doc)
+    if z is not None:
+        _checks.like("z", z, "x", x, doc)
+    slots = _slots(state, x.shape[0], state_batch_indices)
+    if x.dim() == 2:
+        n = _validate_channels_update(x, A, B, C, D, dt_bias)
+    else:
+        n = _validate_heads_update(x, A, B, C, D, dt_bias)
+    _checks.state("state", state, x, (slots, *x.shape[1:], n), state_dtype(x.dtype))
+    _same_groups(B, C, variable_ndim=2)
+    _checks.flag("dt_softplus", dt_softplus)
+    _state_batch_indices(state_batch_indices, x, slots)
+
+
+def _validate_channels_update(x, A, B, C, D, dt_bias) -> int:
+    """The single-head form's A, B, C, D and dt_bias; returns N."""
     batch, dims = x.shape
-    _checks.like("dt", dt, "x", x, "(B, D)")
     n = _state_matrix(A, dims, x)
-    _checks.state("state", state, x, (batch, dims, n), state_dtype(x.dtype))
     for name, BC in (("B", B), ("C", C)):
         _step_matrix(name, BC, (batch, dims, n), x)
-    _same_groups(B, C, variable_ndim=2)
     for name, v in (("D", D), ("dt_bias", dt_bias)):
         _channel_vector(name, v, dims, x)
-    if z is not None:
-        _checks.like("z", z, "x", x, "(B, D)")
-    _checks.flag("dt_softplus", dt_softplus)
+    return n
+
+
+def _validate_heads_update(x, A, B, C, D, dt_bias) -> int:
+    """The multi-head form's A (H, P, N), B, C (Bt, G, N) and D, dt_bias (H, P) or (H,); returns N."""
+    batch, heads, dim = x.shape
+    _checks.tensor("A", A, ndim=3, shape_doc="(H, P, N)")
+    _real("A", A)
+    if A.shape[:2] != (heads, dim) or A.shape[2] < 1:
+        raise ValueError(f"A must have shape (H, P, N) with (H, P)=({heads}, {dim}) (the heads of x) and N >= 1, "
+                         f"got {tuple(A.shape)}")
+    _device("A", A, x)
+    n = A.shape[2]
+    for name, BC in (("B", B), ("C", C)):
+        doc = f"({batch}, G, {n}) (B, G, N) or ({batch}, {n}) (B, N)"
+        _grouped_matrix(name, BC, doc, fixed=None, variable=(batch, n), dims=heads, ref=x, divides="H")
+    for name, v in (("D", D), ("dt_bias", dt_bias)):
+        _head_vector(name, v, heads, dim, x)
+    return n
+
+
+def _slots(state, batch: int, state_batch_indices) -> int:
+    """The slots state must have: B, or with state_batch_indices the pool's (state's first size)."""
+    if state_batch_indices is None or not isinstance(state, Tensor) or state.dim() == 0:
+        return batch
+    return state.shape[0]
+
+
+def _state_batch_indices(indices, x: Tensor, slots: int) -> None:
+    """None, or a (B,) int32/int64 tensor on x's device with values in [-1, slots)."""
+    if indices is None:
+        return
+    batch = x.shape[0]
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"state_batch_indices must be a torch.Tensor of shape ({batch},), got "
+                        f"{type(indices).__name__}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"state_batch_indices must be int32 or int64, got {indices.dtype}")
+    if tuple(indices.shape) != (batch,):
+        raise ValueError(f"state_batch_indices must have shape ({batch},) (one slot per row of x), got "
+                         f"{tuple(indices.shape)}")
+    _device("state_batch_indices", indices, x)
+    if not torch.compiler.is_compiling() and batch > 0:  # values are data: only checkable eagerly
+        _checks.in_range("state_batch_indices", indices, -1, slots - 1,
+                         f"[-1, {slots}) (-1: a padding row; else a slot of state's first dimension)")
 
 
 def _state_matrix(A, dims: int, ref: Tensor) -> int:
     """A is a real (D, N) matrix on ref's device; returns N."""
     _checks.tensor("A", A, ndim=2, shape_doc="(D, N)")
-    if A.is_complex():
-        raise TypeError(f"A must be real (float16, bfloat16, float32 or float64); complex A ({A.dtype}) is not "
-                        "supported")
-    _checks.float_dtype("A", A)
+    _real("A", A)
     if A.shape[0] != dims or A.shape[1] < 1:
         raise ValueError(f"A must have shape (D, N) with D={dims} (the channels of the input) and N >= 1, "
                          f"got {tuple(A.shape)}")
     _device("A", A, ref)
     return A.shape[1]
+
+
+def _real(name: str, A: Tensor) -> None:
+    if A.is_complex():
+        raise TypeError(f"{name} must be real (float16, bfloat16, float32 or float64); complex {name} ({A.dtype}) "
+                        "is not supported")
+    _checks.float_dtype(name, A)
 
 
 def _input_matrix(name: str, BC, sizes: tuple, u: Tensor) -> None:
@@ -332,8 +444,9 @@ def _step_matrix(name: str, BC, sizes: tuple, x: Tensor) -> None:
     _grouped_matrix(name, BC, doc, fixed=None, variable=(batch, n), dims=dims, ref=x)
 
 
-def _grouped_matrix(name, BC, doc: str, fixed, variable: tuple, dims: int, ref: Tensor) -> None:
-    """BC is `fixed`, `variable` or `variable` with a group axis after the batch."""
+def _grouped_matrix(name, BC, doc: str, fixed, variable: tuple, dims: int, ref: Tensor, divides: str = "D") -> None:
+    """BC is `fixed`, `variable` or `variable` with a group axis after the batch; its groups
+    divide `dims` (the size `divides` names)."""
     if not isinstance(BC, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {doc}, got {type(BC).__name__}")
     shape = tuple(BC.shape)
@@ -341,7 +454,7 @@ def _grouped_matrix(name, BC, doc: str, fixed, variable: tuple, dims: int, ref: 
     if shape != fixed and shape != variable and not grouped:
         raise ValueError(f"{name} must have shape {doc}, got {shape}")
     if grouped and (shape[1] < 1 or dims % shape[1]):
-        raise ValueError(f"{name} has G={shape[1]} groups, which must divide D={dims}; got shape {shape}")
+        raise ValueError(f"{name} has G={shape[1]} groups, which must divide {divides}={dims}; got shape {shape}")
     if BC.dtype not in (ref.dtype, torch.float32):
         allowed = str(ref.dtype) if ref.dtype == torch.float32 else f"{ref.dtype} or torch.float32"
         raise TypeError(f"{name} must be {allowed}, got {BC.dtype}")
@@ -364,6 +477,19 @@ def _channel_vector(name: str, v, dims: int, ref: Tensor) -> None:
     _checks.tensor(name, v, ndim=1, shape_doc=f"({dims},)")
     if tuple(v.shape) != (dims,):
         raise ValueError(f"{name} must have shape ({dims},) (one value per channel), got {tuple(v.shape)}")
+    _checks.float_dtype(name, v)
+    _device(name, v, ref)
+
+
+def _head_vector(name: str, v, heads: int, dim: int, ref: Tensor) -> None:
+    """D or dt_bias of the multi-head form: None or a real (H, P) or per-head (H,) tensor on ref's device."""
+    if v is None:
+        return
+    doc = f"({heads}, {dim}) (H, P) or ({heads},) (H,)"
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {doc}, got {type(v).__name__}")
+    if tuple(v.shape) not in ((heads, dim), (heads,)):
+        raise ValueError(f"{name} must have shape {doc}, got {tuple(v.shape)}")
     _checks.float_dtype(name, v)
     _device(name, v, ref)
 

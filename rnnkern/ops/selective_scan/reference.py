@@ -121,25 +121,37 @@ def selective_scan_bwd(
 
 
 def selective_state_update(
-    state: Tensor,  # (Bt, Dm, N), updated in place
-    x: Tensor,  # (Bt, Dm)
-    dt: Tensor,  # (Bt, Dm)
-    A: Tensor,  # (Dm, N)
-    B: Tensor,  # (Bt, G, N)
+    state: Tensor,  # (S, H, P, N): slots, heads, head dim, state size; updated in place
+    x: Tensor,  # (Bt, H, P)
+    dt: Tensor,  # (Bt, H, P)
+    A: Tensor,  # (H, P, N)
+    B: Tensor,  # (Bt, G, N): head h reads group h // (H / G)
     C: Tensor,  # (Bt, G, N)
-    D: Optional[Tensor],  # (Dm,)
-    z: Optional[Tensor],  # (Bt, Dm)
-    dt_bias: Optional[Tensor],  # (Dm,)
+    D: Optional[Tensor],  # (H, P)
+    z: Optional[Tensor],  # (Bt, H, P)
+    dt_bias: Optional[Tensor],  # (H, P)
     dt_softplus: bool,
-) -> Tensor:  # y (Bt, Dm) in x's dtype
-    """One step of the scan: the forward above with L = 1, carrying `state` in place."""
-    acc = state_dtype(x.dtype)
+    state_batch_indices: Optional[Tensor],  # (Bt,): row b's slot of state (-1: a padding row); None: slot b
+) -> Tensor:  # y (Bt, H, P) in x's dtype, 0 in padding rows
+    """One step of the scan, in place on the rows' state slots: the forward above with L = 1 on
+    the Dm = H P channels d = h P + p (channel d reads group d // (Dm / G) = h // (H / G))."""
+    batch, heads, dim = x.shape
+    slots = torch.arange(batch, device=x.device) if state_batch_indices is None else state_batch_indices.long()
+    rows = slots >= 0  # the rows that are not padding
+    slots = slots[rows]
+
+    def channels(t: Optional[Tensor]) -> Optional[Tensor]:  # (Bt, H, P) -> (rows, Dm, 1)
+        return None if t is None else t[rows].flatten(1)[..., None]
+
     out, last, _ = selective_scan_fwd(
-        x[..., None], dt[..., None], A, B[..., None], C[..., None], D,
-        None if z is None else z[..., None], dt_bias, dt_softplus, state.to(acc), None, False,
+        channels(x), channels(dt), A.flatten(0, 1), B[rows][..., None], C[rows][..., None],
+        None if D is None else D.flatten(), channels(z), None if dt_bias is None else dt_bias.flatten(),
+        dt_softplus, state[slots].flatten(1, 2).to(state_dtype(x.dtype)), None, False,
     )
-    state.copy_(last)
-    return out[..., 0]
+    state[slots] = last.view(-1, heads, dim, A.shape[2]).to(state.dtype)
+    y = x.new_zeros(x.shape)
+    y[rows] = out.view(-1, heads, dim)
+    return y
 
 
 # ---------------------------------------------------------------------------------------
