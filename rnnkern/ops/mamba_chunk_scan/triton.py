@@ -66,6 +66,8 @@ MAX_BLOCK_Q = 64  # positions per tile of a chunk
 MAX_BLOCK_P = 64  # head dims per program of the forward (the backward's programs take all of p)
 BLOCK_PN = 1024  # state elements per program of the pass over chunks
 MAX_CUMSUM_TILE = 4096  # elements of a [BLOCK_H, BLOCK_Q] tile of the cumsum kernels
+SCAN_WARPS = 8  # of _chunk_scan_kernel: at 4, 222 registers on sm_90 ([64, 64] out, [64, 128] C and B tiles)
+BWD_WARPS = 8  # of the two position-block backward kernels (at 4 they spill)
 
 
 # ---------------------------------------------------------------------------------------
@@ -370,7 +372,7 @@ def _chunk_scan_bwd_dx_kernel(x_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, D_ptr, dt_pt
     offs_k, offs_p, offs_n = k0 + tl.arange(0, BLOCK_Q), tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
     mask_p, mask_n = offs_p < P, offs_n < N
     x_base, b_base = i_b * L * H * P + i_h * P, i_b * L * G * N + (i_h // heads_per_group) * N
-    cs_last, seg_last, _ = _chunk_ends(cs_ptr, seg_ptr, i_b, i_h, t0, count, L, H, cs_len, HAS_SEQ)
+    cs_last, seg_last, seg_prev = _chunk_ends(cs_ptr, seg_ptr, i_b, i_h, t0, count, L, H, cs_len, HAS_SEQ)
     t_k, valid_k, dt_k, cs_k, seg_k = _positions(dt_ptr, cs_ptr, seg_ptr, i_b, i_h, t0, offs_k, count, L, H, cs_len,
                                                  HAS_SEQ)
     b_k = _rows(B_ptr, b_base, t_k, valid_k, G * N, offs_n, mask_n)  # [BLOCK_Q, BLOCK_N]
@@ -386,10 +388,10 @@ def _chunk_scan_bwd_dx_kernel(x_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, D_ptr, dt_pt
     tl.store(dlast_ptr + (i_b * H + i_h) * cs_len + t_k, ddt * dt_k, mask=valid_k)
     for m0 in range(k0, count, BLOCK_Q):
         offs_m = m0 + tl.arange(0, BLOCK_Q)
-        t_i, valid_i, _, cs_i, seg_i = _positions(dt_ptr, cs_ptr, seg_ptr, i_b, i_h, t0, offs_m, count, L, H, cs_len,
-                                                  HAS_SEQ)
+        t_i, valid_i, dt_i, cs_i, seg_i = _positions(dt_ptr, cs_ptr, seg_ptr, i_b, i_h, t0, offs_m, count, L, H,
+                                                     cs_len, HAS_SEQ)
         c_i = _rows(C_ptr, b_base, t_i, valid_i, G * N, offs_n, mask_n)  # [BLOCK_Q, BLOCK_N]
-        _, _, gy = _gate_rows(dout_ptr, z_ptr, x_base, t_i, valid_i, H * P, offs_p, mask_p, HAS_Z)
+        dout_i, z_i, gy = _gate_rows(dout_ptr, z_ptr, x_base, t_i, valid_i, H * P, offs_p, mask_p, HAS_Z)
         gy = to(gy, b_k.dtype)
         zeros = tl.zeros([BLOCK_Q, BLOCK_Q], dtype=tl.float32)
         scores = dot(b_k, tl.trans(c_i), zeros, PRECISION)  # [BLOCK_Q (j), BLOCK_Q (i)] B_j . C_i
@@ -500,7 +502,7 @@ def mamba_chunk_scan_fwd(x, dt, A, B, C, D, z, initial_states, seq_idx, chunk_si
     q_blocks = triton.cdiv(min(chunk_size, length), block_q)
     _chunk_scan_kernel[(batch * chunks, heads, q_blocks * p_blocks)](
         x, z, B, C, D, dt, cs, seg, states, out, *sizes, p_blocks, HAS_D=D is not None, HAS_Z=z is not None,
-        **flags)
+        **flags, num_warps=SCAN_WARPS)
     if not keep_chunk_states:
         states = x.new_empty((0,), dtype=torch.float32)
     return out, final_states, states
@@ -542,7 +544,7 @@ def mamba_chunk_scan_bwd(x, dt, A, B, C, D, z, initial_states, seq_idx, chunk_si
     dx, ddt = torch.empty(x.shape, **f32), torch.empty(dt.shape, **f32)
     grid = (batch * chunks, heads, q_blocks)
     flags = dict(HAS_D=D is not None, **has, ATOMIC=atomic, PRECISION=precision, BLOCK_Q=block_q,
-                 BLOCK_P=padded(dim), BLOCK_N=block_n)
+                 BLOCK_P=padded(dim), BLOCK_N=block_n, num_warps=BWD_WARPS)
     _chunk_scan_bwd_dc_kernel[grid](
         x, z, grad_out, B, C, D, dt, cs, seg, chunk_states, dC, dz, dD, dcs, *sizes, q_blocks, C.numel(), **flags)
     _chunk_scan_bwd_dx_kernel[grid](
@@ -555,3 +557,43 @@ def mamba_chunk_scan_bwd(x, dt, A, B, C, D, z, initial_states, seq_idx, chunk_si
     empty = dx.new_empty((0,))
     return (dx, ddt, dA.sum(0), dB.sum(0), dC.sum(0), empty if D is None else dD.sum(0), dz,
             empty if initial_states is None else dinitial_states)
+
+
+def aot_problems():
+    """Launcher calls on meta tensors of realistic shapes (see rnnkern.aot): Mamba-2 blocks
+    (head dim 64, state 128, chunk 256, D per head) of 24 and 80 heads, one group, at batch 8
+    in bf16/fp16/fp32 (and fp32 with TF32 dots); packed sequences (seq_idx) with the gate z and
+    initial states at batch 1; the deterministic backward, with 8 groups."""
+    from rnnkern.ops._triton import with_tf32
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        yield functools.partial(_forward_and_backward, 8, 24, dtype)
+    yield functools.partial(_forward_and_backward, 8, 80, torch.bfloat16)
+    yield functools.partial(with_tf32, _forward_and_backward, 8, 24, torch.float32)
+    yield functools.partial(_forward_and_backward, 1, 24, torch.bfloat16, gate=True, packed=True, initial=True)
+    yield functools.partial(_deterministic, _forward_and_backward, 8, 24, torch.bfloat16, groups=8)
+
+
+def _deterministic(problem, *args, **kwargs):
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        problem(*args, **kwargs)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _forward_and_backward(batch, heads, dtype, groups=1, gate=False, packed=False, initial=False, length=2048,
+                          dim=64, state=128, chunk_size=256):
+    meta = dict(device="meta", dtype=dtype)
+    f32 = dict(device="meta", dtype=torch.float32)
+    x = torch.empty((batch, length, heads, dim), **meta)
+    dt, A = torch.empty((batch, length, heads), **f32), torch.empty((heads,), **f32)
+    B, C = (torch.empty((batch, length, groups, state), **meta) for _ in range(2))
+    D = torch.empty((heads, dim), **f32)
+    z = torch.empty_like(x) if gate else None
+    h0 = torch.empty((batch, heads, dim, state), **f32) if initial else None
+    seq_idx = torch.empty((batch, length), device="meta", dtype=torch.int32) if packed else None
+    out, final, chunk_states = mamba_chunk_scan_fwd(x, dt, A, B, C, D, z, h0, seq_idx, chunk_size, True)
+    mamba_chunk_scan_bwd(x, dt, A, B, C, D, z, h0, seq_idx, chunk_size, chunk_states, torch.empty_like(out),
+                         torch.empty_like(final))
