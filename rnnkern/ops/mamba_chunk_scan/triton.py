@@ -143,6 +143,35 @@ def _gate_rows(dout_ptr, z_ptr, base, t, valid, row_stride, cols, mask_cols, HAS
 
 
 @triton.jit
+def _dot_split(a, b, acc, dtype: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b in tl.dots on `dtype` (the inputs'), where an fp32 operand (a state, its
+    gradient, gy) enters as its rounding to a 16-bit `dtype` plus the rounding of the remainder:
+    about 16 significant bits, where one rounding keeps 8 (bf16) or 11 (fp16), at one more dot
+    per split operand (the product of the two remainders is dropped)."""
+    if dtype == tl.float32:
+        return dot(a, b, acc, PRECISION)
+    else:
+        a_high, a_low = _split(a, dtype)
+        b_high, b_low = _split(b, dtype)
+        acc = dot(a_high, b_high, acc, PRECISION)
+        if a.dtype == tl.float32:
+            acc = dot(a_low, b_high, acc, PRECISION)
+        if b.dtype == tl.float32:
+            acc = dot(a_high, b_low, acc, PRECISION)
+        return acc
+
+
+@triton.jit
+def _split(x, dtype: tl.constexpr):
+    """(x rounded to dtype, the remainder rounded to dtype) for fp32 x; (x, x) for x in dtype."""
+    if x.dtype == tl.float32:
+        high = to(x, dtype)
+        return high, to(x - high.to(tl.float32), dtype)
+    else:
+        return x, x
+
+
+@triton.jit
 def _reduce(ptr, slot, slot_size, offs, value, mask, ATOMIC: tl.constexpr):
     """A partial sum several programs share: added atomically into ptr + offs, or stored in this
     program's slot of a (slots, ...) buffer that the launcher sums."""
@@ -269,7 +298,7 @@ def _chunk_scan_kernel(x_ptr, z_ptr, B_ptr, C_ptr, D_ptr, dt_ptr, cs_ptr, seg_pt
     state = tl.load(states_ptr + state_offs, mask=mask_p[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_P, BLOCK_N]
     entering = tl.where(valid_i & (seg_i == seg_prev), tl.exp(cs_i), 0.0)
     zeros = tl.zeros([BLOCK_Q, BLOCK_P], dtype=tl.float32)
-    y = dot(c_i, tl.trans(to(state, c_i.dtype)), zeros, PRECISION) * entering[:, None]  # [BLOCK_Q, BLOCK_P]
+    y = _dot_split(c_i, tl.trans(state), zeros, c_i.dtype, PRECISION) * entering[:, None]  # [BLOCK_Q, BLOCK_P]
     for k0 in range(0, m0 + BLOCK_Q, BLOCK_Q):
         offs_k = k0 + tl.arange(0, BLOCK_Q)
         t_k, valid_k, dt_k, cs_k, seg_k = _positions(dt_ptr, cs_ptr, seg_ptr, i_b, i_h, t0, offs_k, count, L, H,
@@ -316,15 +345,16 @@ def _chunk_scan_bwd_dc_kernel(x_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, D_ptr, dt_pt
     c_i = _rows(C_ptr, b_base, t_i, valid_i, G * N, offs_n, mask_n)  # [BLOCK_Q, BLOCK_N]
     x_i = _rows(x_ptr, x_base, t_i, valid_i, H * P, offs_p, mask_p)  # [BLOCK_Q, BLOCK_P]
     dout, z, gy = _gate_rows(dout_ptr, z_ptr, x_base, t_i, valid_i, H * P, offs_p, mask_p, HAS_Z)
-    gy_op = to(gy, c_i.dtype)  # gy as a tl.dot operand
+    gy_exact = gy if HAS_Z else to(gy, c_i.dtype)  # 16-bit without z (dout), else split by _dot_split
     state_offs = (((i_b * num_chunks + i_c) * H + i_h) * P + offs_p)[:, None] * N + offs_n[None, :]
-    state = tl.load(states_ptr + state_offs, mask=mask_p[:, None] & mask_n[None, :], other=0.0)
-    state = to(state, c_i.dtype)  # [BLOCK_P, BLOCK_N] S_c
+    state = tl.load(states_ptr + state_offs, mask=mask_p[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_P, BLOCK_N] S_c
     entering = tl.where(valid_i & (seg_i == seg_prev), tl.exp(cs_i), 0.0)
-    y = dot(c_i, tl.trans(state), tl.zeros([BLOCK_Q, BLOCK_P], dtype=tl.float32), PRECISION)  # C_i S_c^T
+    y = _dot_split(c_i, tl.trans(state), tl.zeros([BLOCK_Q, BLOCK_P], dtype=tl.float32), c_i.dtype,
+                   PRECISION)  # C_i S_c^T
     dcs = entering * tl.sum(gy * y, axis=1)  # [BLOCK_Q]
     y *= entering[:, None]
-    dc = dot(gy_op, state, tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32), PRECISION) * entering[:, None]
+    dc = _dot_split(gy_exact, state, tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32), c_i.dtype, PRECISION)
+    dc *= entering[:, None]
     for k0 in range(0, m0 + BLOCK_Q, BLOCK_Q):
         offs_k = k0 + tl.arange(0, BLOCK_Q)
         t_k, valid_k, dt_k, cs_k, seg_k = _positions(dt_ptr, cs_ptr, seg_ptr, i_b, i_h, t0, offs_k, count, L, H,
@@ -336,7 +366,7 @@ def _chunk_scan_bwd_dc_kernel(x_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, D_ptr, dt_pt
         decay = _decay(cs_i[:, None], cs_k[None, :], offs_m[:, None], offs_k[None, :], seg_i[:, None],
                        seg_k[None, :], count) * dt_k[None, :]
         y = dot(scores * decay, x_k, y, PRECISION)
-        grad = dot(gy_op, tl.trans(x_k), zeros, PRECISION) * decay  # (gy_i . x_j) exp(cs_i - cs_j) dt_j
+        grad = _dot_split(gy_exact, tl.trans(x_k), zeros, c_i.dtype, PRECISION) * decay  # (gy_i . x_j) exp(cs_i - cs_j) dt_j
         dc = dot(grad, b_k, dc, PRECISION)
         dcs += tl.sum(grad * scores, axis=1)
     mask = valid_i[:, None] & mask_p[None, :]
@@ -378,13 +408,14 @@ def _chunk_scan_bwd_dx_kernel(x_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, D_ptr, dt_pt
     b_k = _rows(B_ptr, b_base, t_k, valid_k, G * N, offs_n, mask_n)  # [BLOCK_Q, BLOCK_N]
     x_k = _rows(x_ptr, x_base, t_k, valid_k, H * P, offs_p, mask_p)  # [BLOCK_Q, BLOCK_P]
     state_offs = (((i_b * num_chunks + i_c) * H + i_h) * P + offs_p)[:, None] * N + offs_n[None, :]
-    dstate = tl.load(dstates_ptr + state_offs, mask=mask_p[:, None] & mask_n[None, :], other=0.0)
-    dstate = to(dstate, b_k.dtype)  # [BLOCK_P, BLOCK_N] dS_{c+1}
+    dstate = tl.load(dstates_ptr + state_offs, mask=mask_p[:, None] & mask_n[None, :], other=0.0)  # dS_{c+1}
     to_last = tl.where(valid_k & (seg_k == seg_last), tl.exp(cs_last - cs_k), 0.0)  # w_j
-    dx = dot(b_k, tl.trans(dstate), tl.zeros([BLOCK_Q, BLOCK_P], dtype=tl.float32), PRECISION)  # B_j dS^T
+    dx = _dot_split(b_k, tl.trans(dstate), tl.zeros([BLOCK_Q, BLOCK_P], dtype=tl.float32), b_k.dtype,
+                    PRECISION)  # B_j dS^T
     ddt = to_last * tl.sum(x_k * dx, axis=1)  # [BLOCK_Q]
     dx *= (to_last * dt_k)[:, None]
-    db = dot(x_k * (to_last * dt_k)[:, None], dstate, tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32), PRECISION)
+    db = _dot_split(to(x_k * (to_last * dt_k)[:, None], x_k.dtype), dstate,
+                    tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32), x_k.dtype, PRECISION)
     tl.store(dlast_ptr + (i_b * H + i_h) * cs_len + t_k, ddt * dt_k, mask=valid_k)
     for m0 in range(k0, count, BLOCK_Q):
         offs_m = m0 + tl.arange(0, BLOCK_Q)
@@ -392,13 +423,14 @@ def _chunk_scan_bwd_dx_kernel(x_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, D_ptr, dt_pt
                                                      cs_len, HAS_SEQ)
         c_i = _rows(C_ptr, b_base, t_i, valid_i, G * N, offs_n, mask_n)  # [BLOCK_Q, BLOCK_N]
         dout_i, z_i, gy = _gate_rows(dout_ptr, z_ptr, x_base, t_i, valid_i, H * P, offs_p, mask_p, HAS_Z)
-        gy = to(gy, b_k.dtype)
+        gy_op = to(gy, b_k.dtype)
+        gy_exact = gy if HAS_Z else gy_op  # as in _chunk_scan_bwd_dc_kernel
         zeros = tl.zeros([BLOCK_Q, BLOCK_Q], dtype=tl.float32)
         scores = dot(b_k, tl.trans(c_i), zeros, PRECISION)  # [BLOCK_Q (j), BLOCK_Q (i)] B_j . C_i
         decay = _decay(cs_i[None, :], cs_k[:, None], offs_m[None, :], offs_k[:, None], seg_i[None, :],
                        seg_k[:, None], count)  # exp(cs_i - cs_j)
-        dx = dot(scores * decay * dt_k[:, None], gy, dx, PRECISION)
-        grad = dot(x_k, tl.trans(gy), zeros, PRECISION) * decay  # (x_j . gy_i) exp(cs_i - cs_j)
+        dx = dot(scores * decay * dt_k[:, None], gy_op, dx, PRECISION)
+        grad = _dot_split(x_k, tl.trans(gy_exact), zeros, b_k.dtype, PRECISION) * decay  # (x_j . gy_i) exp(cs_i - cs_j)
         db = dot(grad * dt_k[:, None], c_i, db, PRECISION)
         ddt += tl.sum(grad * scores, axis=1)
     mask = valid_k[:, None] & mask_p[None, :]
