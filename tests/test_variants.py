@@ -181,8 +181,8 @@ SELECTIVE_SCAN_CASES = {
 
 def mamba_chunk_scan_case(batch=1, length=70, heads=9, groups=1, dtype=torch.float32, tf32=False, packed=False,
                           deterministic=False, dim=33, state=65, chunk_size=256):
-    """The realistic tiles (BLOCK_Q 64, the cumsum's [16, 256], p padded to 64, n to 128) at a
-    short length: one chunk of two position blocks; `packed` adds seq_idx, z and initial states."""
+    """The realistic tiles (BLOCK_Q 32, the cumsum's [4, 256], p padded to 64, n to 128) at a
+    short length: one chunk of three position blocks; `packed` adds seq_idx, z and initial states."""
     if tf32:
         from rnnkern.ops._triton import with_tf32
 

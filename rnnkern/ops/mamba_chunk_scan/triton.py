@@ -62,12 +62,12 @@ import triton.language as tl
 from rnnkern.ops._triton import dot, padded, precision_for, to
 from rnnkern.ops.mamba_chunk_scan.reference import num_chunks as chunk_count
 
-MAX_BLOCK_Q = 64  # positions per tile of a chunk
+MAX_BLOCK_Q = 32  # positions per tile of a chunk (at 64 the chunk scan and the backward spill on sm_80)
 MAX_BLOCK_P = 64  # head dims per program of the forward (the backward's programs take all of p)
 BLOCK_PN = 1024  # state elements per program of the pass over chunks
-MAX_CUMSUM_TILE = 4096  # elements of a [BLOCK_H, BLOCK_Q] tile of the cumsum kernels
-SCAN_WARPS = 8  # of _chunk_scan_kernel: at 4, 222 registers on sm_90 ([64, 64] out, [64, 128] C and B tiles)
-BWD_WARPS = 8  # of the two position-block backward kernels (at 4 they spill)
+MAX_CUMSUM_TILE = 1024  # elements of a [BLOCK_H, BLOCK_Q] tile of the cumsum kernels (4096: 255 registers)
+SCAN_WARPS = 8  # of _chunk_scan_kernel: ~170 registers (at 4, ~250)
+BWD_WARPS = 8  # of the two position-block backward kernels (at 4 the dx kernel spills 168 B)
 
 
 # ---------------------------------------------------------------------------------------
