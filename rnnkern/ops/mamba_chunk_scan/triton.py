@@ -93,6 +93,23 @@ def _rows(ptr, base, t, valid, row_stride, cols, mask_cols):
 
 
 @triton.jit
+def _head(i_b, i_h, L, H, G, P, N, heads_per_group, p0, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Head i_h of batch i_b at head dims p0 + [0, BLOCK_P) and every n: offs_p, offs_n and their
+    masks; the offsets (int64) of (b, 0, h, 0) in x-like (b, l, h, p) tensors and of
+    (b, 0, h's group, 0) in B and C."""
+    offs_p, offs_n = p0 + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    x_base, b_base = i_b * L * H * P + i_h * P, i_b * L * G * N + (i_h // heads_per_group) * N
+    return offs_p, offs_n, offs_p < P, offs_n < N, x_base, b_base
+
+
+@triton.jit
+def _state_block(i_b, i_c, i_h, num_chunks, H, P, N, offs_p, offs_n, mask_p, mask_n):
+    """The offsets and mask, [BLOCK_P, BLOCK_N], of the block at (b, c, h) of a (b, nchunks, h, p, n) tensor."""
+    offs = (((i_b * num_chunks + i_c) * H + i_h) * P + offs_p)[:, None] * N + offs_n[None, :]
+    return offs, mask_p[:, None] & mask_n[None, :]
+
+
+@triton.jit
 def _positions(dt_ptr, cs_ptr, seg_ptr, i_b, i_h, t0, offs, count, L, H, cs_len, HAS_SEQ: tl.constexpr):
     """Positions t = t0 + offs of a chunk of `count`: t, valid [BLOCK], dt and cs fp32 (0 where
     not valid) and the restart counts (0 without seq_idx)."""
@@ -214,10 +231,8 @@ def _chunk_state_kernel(x_ptr, z_ptr, B_ptr, dt_ptr, cs_ptr, seg_ptr, out_ptr,
     i_b, i_c, t0, count = _chunk(L, chunk_size, num_chunks)
     i_h, i_p = tl.program_id(1), tl.program_id(2)
     cs_len = num_chunks * chunk_size
-    offs_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_p, mask_n = offs_p < P, offs_n < N
-    x_base, b_base = i_b * L * H * P + i_h * P, i_b * L * G * N + (i_h // heads_per_group) * N
+    offs_p, offs_n, mask_p, mask_n, x_base, b_base = _head(i_b, i_h, L, H, G, P, N, heads_per_group, i_p * BLOCK_P,
+                                                           BLOCK_P, BLOCK_N)
     cs_last, seg_last, seg_prev = _chunk_ends(cs_ptr, seg_ptr, i_b, i_h, t0, count, L, H, cs_len, HAS_SEQ)
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, count, BLOCK_Q):
@@ -231,8 +246,8 @@ def _chunk_state_kernel(x_ptr, z_ptr, B_ptr, dt_ptr, cs_ptr, seg_ptr, out_ptr,
             xs = _rows(x_ptr, x_base, t, valid, H * P, offs_p, mask_p)
             weight = tl.where(valid & (seg == seg_last), tl.exp(cs_last - cs) * dt, 0.0)
         acc = dot(tl.trans(xs * weight[:, None]), bs, acc, PRECISION)  # [BLOCK_P, BLOCK_N]
-    state_offs = (((i_b * num_chunks + i_c) * H + i_h) * P + offs_p)[:, None] * N + offs_n[None, :]
-    tl.store(out_ptr + state_offs, acc, mask=mask_p[:, None] & mask_n[None, :])
+    state_offs, mask_pn = _state_block(i_b, i_c, i_h, num_chunks, H, P, N, offs_p, offs_n, mask_p, mask_n)
+    tl.store(out_ptr + state_offs, acc, mask=mask_pn)
 
 
 @triton.jit(do_not_specialize=["L", "num_chunks"])
@@ -286,16 +301,14 @@ def _chunk_scan_kernel(x_ptr, z_ptr, B_ptr, C_ptr, D_ptr, dt_ptr, cs_ptr, seg_pt
         return
     cs_len = num_chunks * chunk_size
     offs_m = m0 + tl.arange(0, BLOCK_Q)
-    offs_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_p, mask_n = offs_p < P, offs_n < N
-    x_base, b_base = i_b * L * H * P + i_h * P, i_b * L * G * N + (i_h // heads_per_group) * N
+    offs_p, offs_n, mask_p, mask_n, x_base, b_base = _head(i_b, i_h, L, H, G, P, N, heads_per_group, i_p * BLOCK_P,
+                                                           BLOCK_P, BLOCK_N)
     _, _, seg_prev = _chunk_ends(cs_ptr, seg_ptr, i_b, i_h, t0, count, L, H, cs_len, HAS_SEQ)
     t_i, valid_i, _, cs_i, seg_i = _positions(dt_ptr, cs_ptr, seg_ptr, i_b, i_h, t0, offs_m, count, L, H, cs_len,
                                               HAS_SEQ)
     c_i = _rows(C_ptr, b_base, t_i, valid_i, G * N, offs_n, mask_n)  # [BLOCK_Q, BLOCK_N]
-    state_offs = (((i_b * num_chunks + i_c) * H + i_h) * P + offs_p)[:, None] * N + offs_n[None, :]
-    state = tl.load(states_ptr + state_offs, mask=mask_p[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_P, BLOCK_N]
+    state_offs, mask_pn = _state_block(i_b, i_c, i_h, num_chunks, H, P, N, offs_p, offs_n, mask_p, mask_n)
+    state = tl.load(states_ptr + state_offs, mask=mask_pn, other=0.0)  # [BLOCK_P, BLOCK_N]
     entering = tl.where(valid_i & (seg_i == seg_prev), tl.exp(cs_i), 0.0)
     zeros = tl.zeros([BLOCK_Q, BLOCK_P], dtype=tl.float32)
     y = _dot_split(c_i, tl.trans(state), zeros, c_i.dtype, PRECISION) * entering[:, None]  # [BLOCK_Q, BLOCK_P]
@@ -336,9 +349,9 @@ def _chunk_scan_bwd_dc_kernel(x_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, D_ptr, dt_pt
     if m0 >= count:  # a tail chunk's empty block (its dD slot is zeroed)
         return
     cs_len = num_chunks * chunk_size
-    offs_m, offs_p, offs_n = m0 + tl.arange(0, BLOCK_Q), tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    mask_p, mask_n = offs_p < P, offs_n < N
-    x_base, b_base = i_b * L * H * P + i_h * P, i_b * L * G * N + (i_h // heads_per_group) * N
+    offs_m = m0 + tl.arange(0, BLOCK_Q)
+    offs_p, offs_n, mask_p, mask_n, x_base, b_base = _head(i_b, i_h, L, H, G, P, N, heads_per_group, 0, BLOCK_P,
+                                                           BLOCK_N)
     _, _, seg_prev = _chunk_ends(cs_ptr, seg_ptr, i_b, i_h, t0, count, L, H, cs_len, HAS_SEQ)
     t_i, valid_i, _, cs_i, seg_i = _positions(dt_ptr, cs_ptr, seg_ptr, i_b, i_h, t0, offs_m, count, L, H, cs_len,
                                               HAS_SEQ)
@@ -346,8 +359,8 @@ def _chunk_scan_bwd_dc_kernel(x_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, D_ptr, dt_pt
     x_i = _rows(x_ptr, x_base, t_i, valid_i, H * P, offs_p, mask_p)  # [BLOCK_Q, BLOCK_P]
     dout, z, gy = _gate_rows(dout_ptr, z_ptr, x_base, t_i, valid_i, H * P, offs_p, mask_p, HAS_Z)
     gy_exact = gy if HAS_Z else to(gy, c_i.dtype)  # 16-bit without z (dout), else split by _dot_split
-    state_offs = (((i_b * num_chunks + i_c) * H + i_h) * P + offs_p)[:, None] * N + offs_n[None, :]
-    state = tl.load(states_ptr + state_offs, mask=mask_p[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_P, BLOCK_N] S_c
+    state_offs, mask_pn = _state_block(i_b, i_c, i_h, num_chunks, H, P, N, offs_p, offs_n, mask_p, mask_n)
+    state = tl.load(states_ptr + state_offs, mask=mask_pn, other=0.0)  # [BLOCK_P, BLOCK_N] S_c
     entering = tl.where(valid_i & (seg_i == seg_prev), tl.exp(cs_i), 0.0)
     y = _dot_split(c_i, tl.trans(state), tl.zeros([BLOCK_Q, BLOCK_P], dtype=tl.float32), c_i.dtype,
                    PRECISION)  # C_i S_c^T
@@ -399,16 +412,16 @@ def _chunk_scan_bwd_dx_kernel(x_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, D_ptr, dt_pt
     if k0 >= count:  # a tail chunk's empty block
         return
     cs_len = num_chunks * chunk_size
-    offs_k, offs_p, offs_n = k0 + tl.arange(0, BLOCK_Q), tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    mask_p, mask_n = offs_p < P, offs_n < N
-    x_base, b_base = i_b * L * H * P + i_h * P, i_b * L * G * N + (i_h // heads_per_group) * N
+    offs_k = k0 + tl.arange(0, BLOCK_Q)
+    offs_p, offs_n, mask_p, mask_n, x_base, b_base = _head(i_b, i_h, L, H, G, P, N, heads_per_group, 0, BLOCK_P,
+                                                           BLOCK_N)
     cs_last, seg_last, seg_prev = _chunk_ends(cs_ptr, seg_ptr, i_b, i_h, t0, count, L, H, cs_len, HAS_SEQ)
     t_k, valid_k, dt_k, cs_k, seg_k = _positions(dt_ptr, cs_ptr, seg_ptr, i_b, i_h, t0, offs_k, count, L, H, cs_len,
                                                  HAS_SEQ)
     b_k = _rows(B_ptr, b_base, t_k, valid_k, G * N, offs_n, mask_n)  # [BLOCK_Q, BLOCK_N]
     x_k = _rows(x_ptr, x_base, t_k, valid_k, H * P, offs_p, mask_p)  # [BLOCK_Q, BLOCK_P]
-    state_offs = (((i_b * num_chunks + i_c) * H + i_h) * P + offs_p)[:, None] * N + offs_n[None, :]
-    dstate = tl.load(dstates_ptr + state_offs, mask=mask_p[:, None] & mask_n[None, :], other=0.0)  # dS_{c+1}
+    state_offs, mask_pn = _state_block(i_b, i_c, i_h, num_chunks, H, P, N, offs_p, offs_n, mask_p, mask_n)
+    dstate = tl.load(dstates_ptr + state_offs, mask=mask_pn, other=0.0)  # [BLOCK_P, BLOCK_N] dS_{c+1}
     to_last = tl.where(valid_k & (seg_k == seg_last), tl.exp(cs_last - cs_k), 0.0)  # w_j
     dx = _dot_split(b_k, tl.trans(dstate), tl.zeros([BLOCK_Q, BLOCK_P], dtype=tl.float32), b_k.dtype,
                     PRECISION)  # B_j dS^T
@@ -596,23 +609,14 @@ def aot_problems():
     (head dim 64, state 128, chunk 256, D per head) of 24 and 80 heads, one group, at batch 8
     in bf16/fp16/fp32 (and fp32 with TF32 dots); packed sequences (seq_idx) with the gate z and
     initial states at batch 1; the deterministic backward, with 8 groups."""
-    from rnnkern.ops._triton import with_tf32
+    from rnnkern.ops._triton import with_deterministic, with_tf32
 
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         yield functools.partial(_forward_and_backward, 8, 24, dtype)
     yield functools.partial(_forward_and_backward, 8, 80, torch.bfloat16)
     yield functools.partial(with_tf32, _forward_and_backward, 8, 24, torch.float32)
     yield functools.partial(_forward_and_backward, 1, 24, torch.bfloat16, gate=True, packed=True, initial=True)
-    yield functools.partial(_deterministic, _forward_and_backward, 8, 24, torch.bfloat16, groups=8)
-
-
-def _deterministic(problem, *args, **kwargs):
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        problem(*args, **kwargs)
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    yield functools.partial(with_deterministic, _forward_and_backward, 8, 24, torch.bfloat16, groups=8)
 
 
 def _forward_and_backward(batch, heads, dtype, groups=1, gate=False, packed=False, initial=False, length=2048,

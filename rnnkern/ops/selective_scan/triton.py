@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rnnkern.ops._triton import to
+from rnnkern.ops._triton import to, with_deterministic
 from rnnkern.ops.selective_scan.reference import CHUNK
 
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # softplus(x) = x above it, as torch.nn.functional.softplus
@@ -485,17 +485,8 @@ def aot_problems():
     yield functools.partial(_forward_and_backward, 8, 1536, torch.float32, groups=None, mamba=False)
     yield functools.partial(_forward_and_backward, 1, 5120, torch.bfloat16, training=False, initial=True)
     for batch in (8, 1):
-        yield functools.partial(_deterministic, _forward_and_backward, batch, 2560, torch.bfloat16)
-    yield functools.partial(_deterministic, _forward_and_backward, 8, 1536, torch.float32, groups=None)
-
-
-def _deterministic(problem, *args, **kwargs):
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        problem(*args, **kwargs)
-    finally:
-        torch.use_deterministic_algorithms(previous)
+        yield functools.partial(with_deterministic, _forward_and_backward, batch, 2560, torch.bfloat16)
+    yield functools.partial(with_deterministic, _forward_and_backward, 8, 1536, torch.float32, groups=None)
 
 
 def _forward_and_backward(batch, channels, dtype, groups=1, mamba=True, training=True, initial=False, length=2048,
