@@ -48,9 +48,21 @@ atomically into one fp32 buffer (the order varies from run to run), or, under
 times B's size in fp32, and summed (bitwise reproducible). With one head per group they are
 stored in both modes. Every other gradient has one writer per element.
 
-16-bit inputs: the tl.dot operands are in x's dtype (products of fp32 terms, the chunk states
-among them, are rounded to it), accumulation fp32; fp32 operands multiply as
-:func:`rnnkern.ops._triton.precision_for` says.
+Precision. tl.dots accumulate in fp32; fp32 inputs multiply as
+:func:`rnnkern.ops._triton.precision_for` says. For 16-bit inputs the operands are 16-bit:
+x, B, C, dout exactly; the decay-weighted products (scores exp(cs_i - cs_j) dt_j, x_j w_j dt_j)
+rounded once, as the output is; the fp32 chunk states, their gradients and gy (with z) enter
+split in two roundings (:func:`_dot_split`, one more tl.dot each), since one rounding of a
+state summed over p and n leaves ddt and dB outside two ulps of the reference (tests/tolerances.py).
+
+Tiles (Mamba-2: p 64, n 128, chunk 256). Positions in blocks of BLOCK_Q = 32; the forward's
+programs take 64 head dims, the backward's all of p (dB, dC and d cs sum over p, so no p split);
+n whole. The sm_90 compile (python -m rnnkern.aot) of the bf16 kernels: the chunk scan ~172
+registers at 8 warps, the chunk states ~103 at 4, the backward's dC kernel ~240 and dx kernel
+255 at 8 (with z and seq_idx they spill 128 and 56 B), the others 28-91; at BLOCK_Q 64 the
+chunk scan and the backward spill 0.3-0.6 KB on sm_80. fp32 with "ieee" dots (no tensor
+cores) spills up to 0.5 KB in the backward. Scratch: cs, d cs and dlast, (b, h, nchunks * Q) fp32 each; the
+states' gradients as chunk_states; dD's slots, (b nchunks Q/BLOCK_Q, h, p).
 """
 import functools
 
