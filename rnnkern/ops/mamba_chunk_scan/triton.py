@@ -207,7 +207,7 @@ def _reduce(ptr, slot, slot_size, offs, value, mask, ATOMIC: tl.constexpr):
     if ATOMIC:
         tl.atomic_add(ptr + offs, value, mask=mask, sem="relaxed")
     else:
-        tl.store(ptr + slot * slot_size + offs, value, mask=mask)
+        tl.store(ptr + slot.to(tl.int64) * slot_size + offs, value, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -397,7 +397,7 @@ def _chunk_scan_bwd_dc_kernel(x_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, D_ptr, dt_pt
     mask = valid_i[:, None] & mask_p[None, :]
     if HAS_D:
         y += tl.load(D_ptr + i_h * P + offs_p, mask=mask_p, other=0.0)[None, :] * x_i
-        slot = tl.program_id(0) * tl.num_programs(2) + i_m
+        slot = tl.program_id(0).to(tl.int64) * tl.num_programs(2) + i_m
         tl.store(dD_ptr + (slot * H + i_h) * P + offs_p, tl.sum(gy * x_i, axis=0), mask=mask_p)
     if HAS_Z:
         sig = tl.sigmoid(z)
