@@ -58,10 +58,10 @@ state summed over p and n leaves ddt and dB outside two ulps of the reference (t
 Tiles (Mamba-2: p 64, n 128, chunk 256). Positions in blocks of BLOCK_Q = 32; the forward's
 programs take 64 head dims, the backward's all of p (dB, dC and d cs sum over p, so no p split);
 n whole. The sm_90 compile (python -m rnnkern.aot) of the bf16 kernels: the chunk scan ~172
-registers at 8 warps, the chunk states ~103 at 4, the backward's dC kernel ~240 and dx kernel
-255 at 8 (with z and seq_idx they spill 128 and 56 B), the others 28-91; at BLOCK_Q 64 the
-chunk scan and the backward spill 0.3-0.6 KB on sm_80. fp32 with "ieee" dots (no tensor
-cores) spills up to 0.5 KB in the backward. Scratch: cs, d cs and dlast, (b, h, nchunks * Q) fp32 each; the
+registers at 8 warps, the chunk states ~103 at 4, the backward's dC kernel ~240 at 8 (255 and
+128 B spilled with z) and dx kernel 255 (40-56 B spilled), the others 28-91; at BLOCK_Q 64 the
+chunk scan and the backward spill 0.3-0.6 KB on sm_80. fp32 (dots without tensor cores, or
+TF32) spills up to 0.5 KB in the backward, and 272 B in the chunk scan on sm_80. Scratch: cs, d cs and dlast, (b, h, nchunks * Q) fp32 each; the
 states' gradients as chunk_states; dD's slots, (b nchunks Q/BLOCK_Q, h, p).
 """
 import functools
