@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Optional
 TRITON_MODULES = (
     "rnnkern.ops.linear_scan.triton", "rnnkern.ops.lstm.triton", "rnnkern.ops.gru.triton",
     "rnnkern.ops.selective_scan.triton", "rnnkern.ops.selective_scan.triton_update",
+    "rnnkern.ops.mamba_chunk_scan.triton",
 )
 TARGETS = (80, 90)
 

@@ -41,6 +41,15 @@ def _every_sequence_op(device):
                                            return_last_state=True)
         return grads([out, last], [u, delta])
 
+    def mamba_chunk_scan():
+        x = _randn(1, 600, 4, 64, device=device).requires_grad_()
+        dt, A = torch.rand(1, 600, 4, device=device).requires_grad_(), -torch.rand(4, device=device)
+        B, C = _randn(1, 600, 1, 128, device=device), _randn(1, 600, 1, 128, device=device)
+        cu_seqlens = torch.tensor([0, 100, 600], device=device, dtype=torch.int32)
+        out, final = rnnkern.mamba_chunk_scan(x, dt, A, B, C, 256, cu_seqlens=cu_seqlens, dt_softplus=True,
+                                              return_final_states=True)
+        return grads([out, final], [x, dt])
+
     def recurrence(layer, gates, hidden):
         def run():
             x = _randn(4, 50, 8, device=device).requires_grad_()
@@ -51,15 +60,18 @@ def _every_sequence_op(device):
             return grads([y], [x])
         return run
 
-    return [("linear_scan", linear_scan), ("selective_scan", selective_scan),
+    return [("linear_scan", linear_scan), ("selective_scan", selective_scan), ("mamba_chunk_scan", mamba_chunk_scan),
             ("lstm_persistent", recurrence(rnnkern.lstm_layer, 4, 32)),
             ("lstm_alternating", recurrence(rnnkern.lstm_layer, 4, 96)),
             ("gru_persistent", recurrence(rnnkern.gru_layer, 3, 32)),
             ("gru_alternating", recurrence(rnnkern.gru_layer, 3, 96))]
 
 
+SEQUENCE_OPS = [name for name, _ in _every_sequence_op("cpu")]
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-@pytest.mark.parametrize("index", range(6), ids=[name for name, _ in _every_sequence_op("cpu")])
+@pytest.mark.parametrize("index", range(len(SEQUENCE_OPS)), ids=SEQUENCE_OPS)
 def test_launches_run_on_the_inputs_device(index):
     """Tensors on cuda:1 while cuda:0 is current give cuda:1's results of the same op."""
     name, on_second = _every_sequence_op("cuda:1")[index]
@@ -72,7 +84,7 @@ def test_launches_run_on_the_inputs_device(index):
         assert_close(a, e, torch.float32, name)
 
 
-@pytest.mark.parametrize("index", range(6), ids=[name for name, _ in _every_sequence_op("cpu")])
+@pytest.mark.parametrize("index", range(len(SEQUENCE_OPS)), ids=SEQUENCE_OPS)
 def test_an_op_call_never_waits_for_the_gpu(index):
     """No host sync in forward and backward (lengths and cu_seqlens are checked on the device):
     torch's sync debug mode makes any synchronising call an error."""
@@ -193,3 +205,45 @@ def test_alternating_steps_replay_from_a_cuda_graph(kind, proj, monkeypatch):
     with torch.cuda.graph(graph, stream=stream):
         static.add_(1)
         assert not _triton.step_graphs_enabled(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_mamba_chunk_scan_at_mamba2_tiles(dtype, deterministic):
+    """The triton backend at Mamba-2's tiles (head dim 64, state 128, chunk 256: BLOCK_Q 64, all
+    of p and n) over three chunks, 3 heads a group, packed sequences, z, D and initial states:
+    forward and every gradient against the reference (the deterministic backward bitwise equal
+    from run to run)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape, dtype=dtype, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to("cuda", dtype)
+
+    inputs = [randn(2, 700, 6, 64), randn(2, 700, 6, dtype=torch.float32), -torch.rand(6, generator=gen).cuda() - 0.5,
+              randn(2, 700, 2, 128, scale=0.3), randn(2, 700, 2, 128, scale=0.3), randn(6, 64, dtype=torch.float32),
+              randn(2, 700, 6, 64), randn(2, 6, 64, 128, dtype=torch.float32)]
+    seq_idx = (torch.arange(700, device="cuda") >= 300).to(torch.int32)[None].expand(2, -1)
+
+    def run(backend):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        x, dt, A, B, C, D, z, h0 = leaves
+        out, final = rnnkern.mamba_chunk_scan(x, dt, A, B, C, 256, D=D, z=z, initial_states=h0, seq_idx=seq_idx,
+                                              dt_softplus=True, return_final_states=True, backend=backend)
+        cotangents = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to("cuda", t.dtype) for t in (out, final)]
+        return [out, final, *torch.autograd.grad((out, final), leaves, cotangents)]
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        gen.manual_seed(1)
+        actual = run("triton")
+        if deterministic:
+            gen.manual_seed(1)
+            for a, b in zip(actual, run("triton")):
+                assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    gen.manual_seed(1)
+    expected = run("reference")
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        assert_close(a, e, dtype, f"output/gradient {index}")

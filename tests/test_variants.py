@@ -179,7 +179,47 @@ SELECTIVE_SCAN_CASES = {
                                                             deterministic=True),
 }
 
-SMALL_CASES = {**LINEAR_SCAN_CASES, **RECURRENCE_CASES, **SELECTIVE_SCAN_CASES}
+def mamba_chunk_scan_case(batch=1, length=70, heads=9, groups=1, dtype=torch.float32, tf32=False, packed=False,
+                          deterministic=False, dim=33, state=65, chunk_size=256):
+    """The realistic tiles (BLOCK_Q 32, the cumsum's [4, 256], p padded to 64, n to 128) at a
+    short length: one chunk of three position blocks; `packed` adds seq_idx, z and initial states."""
+    if tf32:
+        from rnnkern.ops._triton import with_tf32
+
+        return with_tf32(mamba_chunk_scan_case, batch, length, heads, groups, dtype, False, packed, deterministic)
+    gen = torch.Generator().manual_seed(3)
+    x = _random(gen, batch, length, heads, dim, dtype=dtype)
+    dt = _random(gen, batch, length, heads, low=0.05, high=0.3)
+    A = -_random(gen, heads, low=0.5, high=1.5)
+    B, C = (_random(gen, batch, length, groups, state, dtype=dtype) * 0.3 for _ in range(2))
+    D = _random(gen, heads, dim)
+    z = _random(gen, batch, length, heads, dim, dtype=dtype) if packed else None
+    h0 = _random(gen, batch, heads, dim, state) if packed else None
+    seq_idx = (torch.arange(length) >= length // 2).to(torch.int32)[None].expand(batch, -1) if packed else None
+
+    def run(backend, x, dt, A, B, C, D, z, h0):
+        return rnnkern.mamba_chunk_scan(x, dt, A, B, C, chunk_size, D=D, z=z, initial_states=h0, seq_idx=seq_idx,
+                                        return_final_states=True, backend=backend)
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        _compare(run, [x, dt, A, B, C, D, z, h0], dtype)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+MAMBA_CHUNK_SCAN_CASES = {
+    # one group: the 9 heads add dB/dC atomically
+    **{f"mamba_chunk_scan_{name}": functools.partial(mamba_chunk_scan_case, dtype=dtype)
+       for name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16), ("f16", torch.float16))},
+    "mamba_chunk_scan_tf32": functools.partial(mamba_chunk_scan_case, tf32=True),
+    "mamba_chunk_scan_packed": functools.partial(mamba_chunk_scan_case, dtype=torch.bfloat16, packed=True),
+    "mamba_chunk_scan_deterministic": functools.partial(mamba_chunk_scan_case, groups=3, dtype=torch.bfloat16,
+                                                        deterministic=True),
+}
+
+SMALL_CASES = {**LINEAR_SCAN_CASES, **RECURRENCE_CASES, **SELECTIVE_SCAN_CASES, **MAMBA_CHUNK_SCAN_CASES}
 
 
 # --- the check -----------------------------------------------------------------------------

@@ -157,6 +157,17 @@ def with_tf32(problem, *args) -> None:
         torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
+def with_deterministic(problem, *args, **kwargs) -> None:
+    """Runs `problem(*args, **kwargs)` under torch.use_deterministic_algorithms(True): for the
+    aot_problems() of the kernels that reduce atomically otherwise."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        problem(*args, **kwargs)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 PATHS = ("persistent", "alternating")
 
 

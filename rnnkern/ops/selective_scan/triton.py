@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 
 from rnnkern.ops._sequences import packed_index
-from rnnkern.ops._triton import to
+from rnnkern.ops._triton import to, with_deterministic
 from rnnkern.ops.selective_scan.reference import CHUNK
 
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # softplus(x) = x above it, as torch.nn.functional.softplus
@@ -578,17 +578,8 @@ def aot_problems():
     for initial in (False, True):  # 16 packed sequences
         yield functools.partial(_forward_and_backward, 1, 1536, torch.bfloat16, initial=initial, sequences=16)
     for batch in (8, 1):
-        yield functools.partial(_deterministic, _forward_and_backward, batch, 2560, torch.bfloat16)
-    yield functools.partial(_deterministic, _forward_and_backward, 8, 1536, torch.float32, groups=None)
-
-
-def _deterministic(problem, *args, **kwargs):
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        problem(*args, **kwargs)
-    finally:
-        torch.use_deterministic_algorithms(previous)
+        yield functools.partial(with_deterministic, _forward_and_backward, batch, 2560, torch.bfloat16)
+    yield functools.partial(with_deterministic, _forward_and_backward, 8, 1536, torch.float32, groups=None)
 
 
 def _forward_and_backward(batch, channels, dtype, groups=1, mamba=True, training=True, initial=False, length=2048,
