@@ -17,8 +17,9 @@
 //   Y  = [diag(e) C | (K o C B^T) diag(dt)] [S0^T ; X]     (q, n + q) (n + q, p): y_t before D, z
 //   S1 = e_{q-1} S0 + X^T diag(w o dt) B                   (p, q) (q, n): the state leaving the tile
 //
-// Forward: one task per (b, h) carries S^T (n, p) through the tiles in order and copies it out
-// at each chunk's start (chunk_states). Backward: see ChunkScanBackward. Every GEMM is on fp32
+// Tasks own a block of the heads of one group of one sequence (HeadBlocks): the heads share the
+// group's B, C and C B^T. Forward: each head carries S^T (n, p) through the tiles in order, copied
+// out at each chunk's start (chunk_states). Backward: see ChunkScanBackward. Every GEMM is on fp32
 // (fp64) tiles; fp16/bf16 inputs are converted as a tile is loaded.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -86,23 +87,23 @@ template <typename acc_t>
 struct Tile {
   int64_t b, head, t0, q;
   acc_t dt[kTile];     // the time steps
-  acc_t steps[kTile];  // dt_{t0} + ... + dt_{t0+i}
-  acc_t cs[kTile];     // A steps_i: the log-decay from the tile's start through i
+  // A (dt_{t0} + ... + dt_{t0+i}), the log-decay from the tile's start through i, in double: the
+  // decays are differences of these, which in fp32 lost |cs| ulps (a few e-6 at cs = -30)
+  double cs[kTile];
   int32_t run[kTile];  // sequence starts at t0 .. t0 + i (t0 counts where one starts there)
 
   template <typename scalar_t>
   static Tile at(const ScanInputs<scalar_t, acc_t>& in, int64_t b, int64_t head, int64_t t0, int64_t q) {
     const ScanDims& d = in.dims;
-    Tile t{b, head, t0, q, {}, {}, {}, {}};
+    Tile t{b, head, t0, q, {}, {}, {}};
     const acc_t A = in.A[head];
     const int32_t* seq = in.seq_idx ? in.seq_idx + b * d.length : nullptr;
-    acc_t steps = 0;
+    double steps = 0;
     int32_t run = 0;
     for (int64_t i = 0; i < q; ++i) {
       const int64_t pos = t0 + i;
       t.dt[i] = in.dt[(b * d.length + pos) * d.heads + head];
       steps += t.dt[i];
-      t.steps[i] = steps;
       t.cs[i] = A * steps;
       run += seq && pos > 0 && seq[pos] != seq[pos - 1];
       t.run[i] = run;
@@ -110,17 +111,18 @@ struct Tile {
     return t;
   }
 
-  acc_t entering(int64_t i) const { return run[i] == 0 ? math::exp(cs[i]) : acc_t(0); }         // e_i
-  acc_t to_end(int64_t j) const { return run[j] == run[q - 1] ? math::exp(cs[q - 1] - cs[j]) : acc_t(0); }  // w_j
+  acc_t entering(int64_t i) const { return run[i] == 0 ? decay(cs[i]) : acc_t(0); }               // e_i
+  acc_t to_end(int64_t j) const { return run[j] == run[q - 1] ? decay(cs[q - 1] - cs[j]) : acc_t(0); }  // w_j
+  static acc_t decay(double log_decay) { return math::exp(static_cast<acc_t>(log_decay)); }
 };
 
 // K_i. (q,): e^{cs_i - cs_j} for j <= i in i's sequence, else 0.
 template <typename acc_t>
 RNNKERN_VECTORIZED void decay_row(const Tile<acc_t>& t, int64_t i, acc_t* __restrict k) {
-  const acc_t cs_i = t.cs[i];
+  const double cs_i = t.cs[i];
   const int32_t run_i = t.run[i];
 #pragma omp simd
-  for (int64_t j = 0; j <= i; ++j) k[j] = math::select(t.run[j] == run_i, math::exp(cs_i - t.cs[j]), acc_t(0));
+  for (int64_t j = 0; j <= i; ++j) k[j] = math::select(t.run[j] == run_i, Tile<acc_t>::decay(cs_i - t.cs[j]), acc_t(0));
   std::fill(k + i + 1, k + t.q, acc_t(0));
 }
 
@@ -151,37 +153,66 @@ RNNKERN_VECTORIZED T dot(const T* __restrict a, const T* __restrict b, int64_t s
   return sum;
 }
 
-// The tile's x rows (q, p) and B^T (n, kTile), as acc_t; b_rows (q, n) is B's rows on the way.
+// The tile's x rows (q, p), as acc_t.
 template <typename scalar_t, typename acc_t>
-void load_x_and_bt(const ScanInputs<scalar_t, acc_t>& in, const Tile<acc_t>& t, acc_t* x, acc_t* b_rows,
-                   acc_t* bt) {
+void load_x(const ScanInputs<scalar_t, acc_t>& in, const Tile<acc_t>& t, acc_t* x) {
   const ScanDims& d = in.dims;
   load_rows(d.head_row(in.x, t.b, t.t0, t.head), d.heads * d.dim, t.q, d.dim, x, d.dim);
-  load_rows(d.group_row(in.B, t.b, t.t0, t.head), d.groups * d.state, t.q, d.state, b_rows, d.state);
-  transpose(b_rows, d.state, t.q, d.state, bt, kTile);
 }
 
-// The tile's C rows (q, n), as acc_t.
+// B's rows t0 .. t0 + q - 1 of head's group (q, n) and B^T (n, kTile), as acc_t.
 template <typename scalar_t, typename acc_t>
-void load_c(const ScanInputs<scalar_t, acc_t>& in, const Tile<acc_t>& t, acc_t* c) {
+void load_b(const ScanInputs<scalar_t, acc_t>& in, int64_t b, int64_t head, int64_t t0, int64_t q, acc_t* b_rows,
+            acc_t* bt) {
   const ScanDims& d = in.dims;
-  load_rows(d.group_row(in.C, t.b, t.t0, t.head), d.groups * d.state, t.q, d.state, c, d.state);
+  load_rows(d.group_row(in.B, b, t0, head), d.groups * d.state, q, d.state, b_rows, d.state);
+  transpose(b_rows, d.state, q, d.state, bt, kTile);
 }
 
-// s1 (n, p) = e_{q-1} s0 + (B^T diag(w o dt)) X: the transposed state after the tile, from the one
-// before (s1 may be s0); bt (n, kTile) is scaled in place, update (n, p) is scratch.
+// C's rows t0 .. t0 + q - 1 of head's group (q, n), as acc_t.
+template <typename scalar_t, typename acc_t>
+void load_c(const ScanInputs<scalar_t, acc_t>& in, int64_t b, int64_t head, int64_t t0, int64_t q, acc_t* c) {
+  const ScanDims& d = in.dims;
+  load_rows(d.group_row(in.C, b, t0, head), d.groups * d.state, q, d.state, c, d.state);
+}
+
+// s1 (n, p) = e_{q-1} s0 + (B^T diag(w o dt)) X: the transposed state after the tile from the one
+// before (s1 may be s0); bw (n, kTile) and update (n, p) are scratch.
 template <typename acc_t>
-void advance_state(const Tile<acc_t>& t, int64_t n, int64_t p, acc_t* bt, const acc_t* x, const acc_t* s0,
-                   acc_t* s1, acc_t* update) {
+void advance_state(const Tile<acc_t>& t, int64_t n, int64_t p, const acc_t* bt, acc_t* bw, const acc_t* x,
+                   const acc_t* s0, acc_t* s1, acc_t* update) {
   acc_t weight[kTile];
   for (int64_t j = 0; j < t.q; ++j) weight[j] = t.to_end(j) * t.dt[j];
   for (int64_t k = 0; k < n; ++k) {
-    for (int64_t j = 0; j < t.q; ++j) bt[k * kTile + j] *= weight[j];
+    for (int64_t j = 0; j < t.q; ++j) bw[k * kTile + j] = bt[k * kTile + j] * weight[j];
   }
-  cpu::gemm(n, p, t.q, bt, kTile, x, p, update, p);
+  cpu::gemm(n, p, t.q, bw, kTile, x, p, update, p);
   const acc_t decay = t.entering(t.q - 1);
   for (int64_t i = 0; i < n * p; ++i) s1[i] = decay * s0[i] + update[i];
 }
+
+// A task: heads [begin, end) of one group of sequence b. The heads share B, C and C B^T; their
+// gradients of B and C go to the task's slot, summed over slots afterwards.
+struct HeadBlock {
+  int64_t b, begin, end, slot;
+};
+
+// The tasks: every group of every sequence split into `blocks` blocks of its heads, as many as
+// the threads need.
+struct HeadBlocks {
+  int64_t groups, heads_per_group, blocks;
+
+  explicit HeadBlocks(const ScanDims& d)
+      : groups(d.groups), heads_per_group(d.heads / d.groups),
+        blocks(cpu::blocks_per_pair(d.batch * d.groups, d.heads / d.groups)) {}
+
+  int64_t max_heads() const { return (heads_per_group + blocks - 1) / blocks; }
+  HeadBlock operator[](int64_t task) const {
+    const int64_t block = task % blocks, pair = task / blocks, first = (pair % groups) * heads_per_group;
+    return {pair / groups, first + heads_per_group * block / blocks, first + heads_per_group * (block + 1) / blocks,
+            block};
+  }
+};
 
 // ---------------------------------------------------------------------------------------
 // Forward.
@@ -195,97 +226,119 @@ struct ChunkScanForward {
   acc_t* chunk_states;          // (b, chunks, h, p, n), or null when not kept
 
   struct Workspace {
-    std::vector<acc_t> state_x;  // [S^T ; X] (n + kTile, p): the carried state on the tile's x rows
-    std::vector<acc_t> lhs;      // [diag(e) C | (K o C B^T) diag(dt)] (kTile, n + kTile)
-    std::vector<acc_t> c, b;     // C and B rows (kTile, n)
-    std::vector<acc_t> bt;       // B^T (n, kTile)
-    std::vector<acc_t> y;        // (kTile, p)
-    std::vector<acc_t> update;   // (n, p)
+    int64_t stack_size;
+    std::vector<acc_t> stacks;  // per head of the task: [S^T ; X] (n + kTile, p), the state on the tile's x
+    std::vector<acc_t> b, c;    // B and C rows (kTile, n)
+    std::vector<acc_t> bt, bw;  // B^T, B^T diag(w o dt) (n, kTile)
+    std::vector<acc_t> scores;  // C B^T (kTile, kTile)
+    std::vector<acc_t> lhs;     // [diag(e) C | (K o C B^T) diag(dt)] (kTile, n + kTile)
+    std::vector<acc_t> y;       // (kTile, p)
+    std::vector<acc_t> update;  // (n, p)
 
-    explicit Workspace(const ScanDims& d)
-        : state_x((d.state + kTile) * d.dim), lhs(kTile * (d.state + kTile)), c(kTile * d.state),
-          b(kTile * d.state), bt(d.state * kTile), y(kTile * d.dim), update(d.state * d.dim) {}
+    Workspace(const ScanDims& d, int64_t heads)
+        : stack_size((d.state + kTile) * d.dim), stacks(heads * stack_size), b(kTile * d.state), c(kTile * d.state),
+          bt(d.state * kTile), bw(d.state * kTile), scores(kTile * kTile), lhs(kTile * (d.state + kTile)),
+          y(kTile * d.dim), update(d.state * d.dim) {}
+
+    acc_t* stack(int64_t k) { return stacks.data() + k * stack_size; }
   };
 
-  void run(int64_t b, int64_t head, Workspace& w) const {
+  void run(const HeadBlock& task, Workspace& w) const {
     const ScanDims& d = in.dims;
-    const int64_t n = d.state, p = d.dim, chunks = d.chunks();
-    acc_t* state = w.state_x.data();  // S^T (n, p)
-    if (initial_states) {
-      transpose(d.state_of(initial_states, b, 0, head, 1), n, p, n, state, p);
-    } else {
-      std::fill_n(state, n * p, acc_t(0));
-    }
-    for (int64_t c = 0; c < chunks; ++c) {
-      if (chunk_states) transpose(state, p, n, p, d.state_of(chunk_states, b, c, head, chunks), n);
-      for (int64_t t0 = c * d.chunk; t0 < d.chunk_end(c); t0 += kTile) {
-        tile(Tile<acc_t>::at(in, b, head, t0, std::min(kTile, d.chunk_end(c) - t0)), w);
+    const int64_t n = d.state, p = d.dim, chunks = d.chunks(), heads = task.end - task.begin;
+    for (int64_t k = 0; k < heads; ++k) {
+      if (initial_states) {
+        transpose(d.state_of(initial_states, task.b, 0, task.begin + k, 1), n, p, n, w.stack(k), p);
+      } else {
+        std::fill_n(w.stack(k), n * p, acc_t(0));
       }
     }
-    transpose(state, p, n, p, d.state_of(final_states, b, 0, head, 1), n);
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int64_t k = 0; k < heads && chunk_states; ++k) {
+        transpose(w.stack(k), p, n, p, d.state_of(chunk_states, task.b, c, task.begin + k, chunks), n);
+      }
+      for (int64_t t0 = c * d.chunk; t0 < d.chunk_end(c); t0 += kTile) {
+        const int64_t q = std::min(kTile, d.chunk_end(c) - t0);
+        load_b(in, task.b, task.begin, t0, q, w.b.data(), w.bt.data());
+        load_c(in, task.b, task.begin, t0, q, w.c.data());
+        cpu::gemm(q, q, n, w.c.data(), n, w.bt.data(), kTile, w.scores.data(), kTile);  // C B^T
+        for (int64_t k = 0; k < heads; ++k) tile(Tile<acc_t>::at(in, task.b, task.begin + k, t0, q), w.stack(k), w);
+      }
+    }
+    for (int64_t k = 0; k < heads; ++k) {
+      transpose(w.stack(k), p, n, p, d.state_of(final_states, task.b, 0, task.begin + k, 1), n);
+    }
   }
 
-  // out at the tile's positions; S^T (rows 0..n of state_x) advanced past the tile.
-  void tile(const Tile<acc_t>& t, Workspace& w) const {
+  // One head's tile: out at its positions, and its S^T (rows 0..n of stack) advanced past it.
+  void tile(const Tile<acc_t>& t, acc_t* stack, Workspace& w) const {
     const int64_t n = in.dims.state, p = in.dims.dim, q = t.q, ld = n + kTile;
-    acc_t* x = w.state_x.data() + n * p;
-    load_x_and_bt(in, t, x, w.b.data(), w.bt.data());
-    load_c(in, t, w.c.data());
-    cpu::gemm(q, q, n, w.c.data(), n, w.bt.data(), kTile, w.lhs.data() + n, ld);  // C B^T
-    for (int64_t i = 0; i < q; ++i) weigh_row(t, i, w.c.data() + i * n, w.lhs.data() + i * ld);
-    cpu::gemm(q, p, n + q, w.lhs.data(), ld, w.state_x.data(), p, w.y.data(), p);  // Y
+    acc_t* x = stack + n * p;
+    load_x(in, t, x);
+    for (int64_t i = 0; i < q; ++i) {
+      weigh_row(t, i, w.c.data() + i * n, w.scores.data() + i * kTile, w.lhs.data() + i * ld);
+    }
+    cpu::gemm(q, p, n + q, w.lhs.data(), ld, stack, p, w.y.data(), p);  // Y
     write_out(t, w.y.data(), x);
-    advance_state(t, n, p, w.bt.data(), x, w.state_x.data(), w.state_x.data(), w.update.data());
+    advance_state(t, n, p, w.bt.data(), w.bw.data(), x, stack, stack, w.update.data());
   }
 
-  // Row i of lhs: e_i C_i, then its scores (C B^T)_i. times K_i. o dt.
+  // Row i of lhs: e_i C_i, then (C B^T)_i. o K_i. o dt.
   RNNKERN_VECTORIZED void weigh_row(const Tile<acc_t>& t, int64_t i, const acc_t* __restrict c,
-                                    acc_t* __restrict row) const {
+                                    const acc_t* __restrict scores, acc_t* __restrict row) const {
     const int64_t n = in.dims.state;
     acc_t k[kTile];
     decay_row(t, i, k);
-    acc_t* __restrict scores = row + n;
+    acc_t* __restrict weighted = row + n;
 #pragma omp simd
-    for (int64_t j = 0; j < t.q; ++j) scores[j] *= k[j] * t.dt[j];
+    for (int64_t j = 0; j < t.q; ++j) weighted[j] = scores[j] * k[j] * t.dt[j];
     const acc_t e = t.entering(i);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) row[j] = e * c[j];
   }
 
-  // out = (y + D x) silu(z) at the tile's positions.
-  RNNKERN_VECTORIZED void write_out(const Tile<acc_t>& t, const acc_t* __restrict y, const acc_t* __restrict x) const {
+  // out = (y + D x) silu(z) at the tile's positions; y is scratch.
+  void write_out(const Tile<acc_t>& t, acc_t* y, const acc_t* x) const {
     const ScanDims& d = in.dims;
     const int64_t p = d.dim;
-    const acc_t* skip = in.D ? in.D + t.head * p : nullptr;
     for (int64_t i = 0; i < t.q; ++i) {
-      scalar_t* __restrict o = d.head_row(out, t.b, t.t0 + i, t.head);
-      const scalar_t* __restrict z = in.z ? d.head_row(in.z, t.b, t.t0 + i, t.head) : nullptr;
-      const acc_t* __restrict y_i = y + i * p;
-      const acc_t* __restrict x_i = x + i * p;
-#pragma omp simd
-      for (int64_t k = 0; k < p; ++k) {
-        const acc_t value = y_i[k] + (skip ? skip[k] * x_i[k] : acc_t(0));
-        o[k] = static_cast<scalar_t>(z ? value * math::silu(static_cast<acc_t>(z[k])) : value);
-      }
+      const scalar_t* z = in.z ? d.head_row(in.z, t.b, t.t0 + i, t.head) : nullptr;
+      finish_row(y + i * p, x + i * p, in.D ? in.D + t.head * p : nullptr, z, d.head_row(out, t.b, t.t0 + i, t.head),
+                 p);
     }
+  }
+
+  static RNNKERN_VECTORIZED void finish_row(acc_t* __restrict y, const acc_t* __restrict x,
+                                            const acc_t* __restrict skip, const scalar_t* __restrict z,
+                                            scalar_t* __restrict out_row, int64_t p) {
+    if (skip) {
+#pragma omp simd
+      for (int64_t k = 0; k < p; ++k) y[k] += skip[k] * x[k];
+    }
+    if (z) {
+#pragma omp simd
+      for (int64_t k = 0; k < p; ++k) y[k] *= math::silu(static_cast<acc_t>(z[k]));
+    }
+#pragma omp simd
+    for (int64_t k = 0; k < p; ++k) out_row[k] = static_cast<scalar_t>(y[k]);
   }
 };
 
 // ---------------------------------------------------------------------------------------
-// Backward. A task owns heads [h0, h1) of one group of sequence b, and walks each head's chunks
-// last to first: it recomputes the states entering the chunk's tiles from the kept chunk state,
-// then runs the tiles backwards carrying dS, the gradient of the state leaving the tile. With
-// gy = dout silu(z), P = GY X^T (q, q) and M = K o C B^T:
+// Backward. A task walks its heads' chunks last to first: it recomputes the states entering the
+// chunk's tiles from the kept chunk state, then runs the tiles backwards, each head carrying dS,
+// the gradient of the state leaving the tile. With gy = dout silu(z), P = GY X^T (q, q) and
+// M = K o C B^T:
 //
-//   dG  = K o P diag(dt)                                    the gradient of C B^T
-//   dC  = [diag(e) GY | dG]          [S0 ; B]               (q, p + q) (p + q, n)
-//   dB  = [diag(w o dt) X | dG^T]    [dS ; C]               (q, p + q) (p + q, n)
-//   U   = [diag(w) B | M^T]          [dS^T ; GY]            (q, n + q) (n + q, p): dx = diag(dt) U + D gy
-//   dS0 = e_{q-1} dS + GY^T diag(e) C                       becomes dS of the tile before
+//   dG  = K o P diag(dt)                          the gradient of C B^T
+//   dC  = diag(e) GY S0 + dG B                     (q, p) (p, n) + (q, q) (q, n)
+//   dB  = [diag(w o dt) X | dG^T] [dS ; C]         (q, p + q) (p + q, n)
+//   U   = diag(w) B dS^T + M^T GY                  (q, n) (n, p) + (q, q) (q, p):  dx = diag(dt) U + D gy
+//   dS0 = e_{q-1} dS + C^T diag(e) GY              becomes dS of the tile before
 //
-// and through the decays, with dcs_i = C_i . dC_i - B_i . dB_i (+ <dS, S1> at i = q - 1), the
-// gradient of cs_i: ddt_j = x_j . U_j + A sum_{i >= j} dcs_i, dA = sum_i dcs_i steps_i.
-// dB and dC go to the task's slot (heads of one group share them); dA and dD to per-(b, h) rows.
+// and through the decays ddt_j = x_j . U_j + A g_j, dA = sum_j dt_j g_j, where g_j = sum_{i >= j}
+// d(loss)/d(cs_i) is summed from its parts through K, e and w (position_gradients). (As the
+// difference C_i . dC_i - B_i . dB_i of two GEMM results it lost four digits in fp32.)
 
 template <typename scalar_t, typename acc_t>
 struct ChunkScanBackward {
@@ -299,99 +352,127 @@ struct ChunkScanBackward {
   acc_t* dB;                       // (slots, b, l, g, n), zeroed
   acc_t* dC;                       // (slots, b, l, g, n), zeroed
   int64_t slot_size;               // b * l * g * n
-  acc_t* dA;                       // (b, h), zeroed
+  acc_t* dA;                       // (b, h), zeroed: summed over b afterwards
   acc_t* dD;                       // (b, h, p) zeroed, or null
   acc_t* dinitial_states;          // (b, h, p, n) or null
 
   struct Workspace {
-    std::vector<Tile<acc_t>> tiles;  // of the chunk
-    std::vector<acc_t> states;       // (tiles + 1, n, p): S^T entering each tile, and leaving the last
-    std::vector<acc_t> s_x;          // [S0^T ; X]  (n + kTile, p)
+    int64_t tiles_per_chunk, state_size;
+    std::vector<Tile<acc_t>> tiles;  // (heads, tiles_per_chunk): the chunk's tiles of each head of the task
+    std::vector<acc_t> states;       // (heads, tiles_per_chunk + 1, n, p): S^T entering each tile, leaving the last
+    std::vector<acc_t> state_grads;  // (heads, n, p): dS^T
+    // shared by the heads
     std::vector<acc_t> s_b;          // [S0 ; B]    (p + kTile, n)
     std::vector<acc_t> ds_c;         // [dS ; C]    (p + kTile, n)
+    std::vector<acc_t> bt, bw;       // B^T, B^T diag(w o dt) (n, kTile)
+    std::vector<acc_t> scores;       // C B^T (kTile, kTile)
+    // one head's, in turn
+    std::vector<acc_t> s_x;          // [S0^T ; X]  (n + kTile, p)
     std::vector<acc_t> ds_gy;        // [dS^T ; GY] (n + kTile, p)
-    std::vector<acc_t> bt, ct;       // B^T, (diag(e) C)^T (n, kTile)
+    std::vector<acc_t> ct;           // (diag(e) C)^T (n, kTile)
     std::vector<acc_t> xt;           // X^T (p, kTile)
-    std::vector<acc_t> scores;       // C B^T, then M (kTile, kTile)
-    std::vector<acc_t> products;     // P = GY X^T (kTile, kTile)
+    std::vector<acc_t> decayed;      // M (kTile, kTile)
+    std::vector<acc_t> products;     // P (kTile, kTile)
     std::vector<acc_t> lhs_c, lhs_b;  // (kTile, p + kTile)
-    std::vector<acc_t> lhs_x, lhs_y;  // (kTile, n + kTile); lhs_y = Y's lhs, for dz
-    std::vector<acc_t> d_c, d_b;     // this head's dC, dB (kTile, n)
+    std::vector<acc_t> lhs_x, lhs_y;  // (kTile, n + kTile); lhs_y: Y's, for dz
+    std::vector<acc_t> d_c, d_b;     // the head's dC, dB (kTile, n)
+    std::vector<acc_t> c_entering;   // dC's part diag(e) GY S0 (kTile, n)
     std::vector<acc_t> u, y, dout;   // (kTile, p)
+    std::vector<acc_t> u_leaving;    // U's part diag(w) B dS^T (kTile, p)
+    std::vector<acc_t> within;       // (kTile,)
     std::vector<acc_t> update;       // (n, p)
 
-    explicit Workspace(const ScanDims& d)
-        : tiles(d.tiles_per_chunk()), states((d.tiles_per_chunk() + 1) * d.state * d.dim),
-          s_x((d.state + kTile) * d.dim), s_b((d.dim + kTile) * d.state), ds_c((d.dim + kTile) * d.state),
-          ds_gy((d.state + kTile) * d.dim), bt(d.state * kTile), ct(d.state * kTile), xt(d.dim * kTile),
-          scores(kTile * kTile), products(kTile * kTile), lhs_c(kTile * (d.dim + kTile)),
-          lhs_b(kTile * (d.dim + kTile)), lhs_x(kTile * (d.state + kTile)), lhs_y(kTile * (d.state + kTile)),
-          d_c(kTile * d.state), d_b(kTile * d.state), u(kTile * d.dim), y(kTile * d.dim), dout(kTile * d.dim),
-          update(d.state * d.dim) {}
+    Workspace(const ScanDims& d, int64_t heads)
+        : tiles_per_chunk(d.tiles_per_chunk()), state_size(d.state * d.dim), tiles(heads * tiles_per_chunk),
+          states(heads * (tiles_per_chunk + 1) * state_size), state_grads(heads * state_size),
+          s_b((d.dim + kTile) * d.state), ds_c((d.dim + kTile) * d.state), bt(d.state * kTile),
+          bw(d.state * kTile), scores(kTile * kTile), s_x((d.state + kTile) * d.dim),
+          ds_gy((d.state + kTile) * d.dim), ct(d.state * kTile), xt(d.dim * kTile), decayed(kTile * kTile),
+          products(kTile * kTile), lhs_c(kTile * (d.dim + kTile)), lhs_b(kTile * (d.dim + kTile)),
+          lhs_x(kTile * (d.state + kTile)), lhs_y(kTile * (d.state + kTile)), d_c(kTile * d.state),
+          d_b(kTile * d.state), c_entering(kTile * d.state), u(kTile * d.dim), y(kTile * d.dim),
+          dout(kTile * d.dim), u_leaving(kTile * d.dim), within(kTile), update(state_size) {}
 
-    acc_t* state_grad() { return ds_c.data(); }       // dS (p, n)
-    acc_t* state_grad_t() { return ds_gy.data(); }    // dS^T (n, p)
+    Tile<acc_t>& tile(int64_t head, int64_t k) { return tiles[head * tiles_per_chunk + k]; }
+    acc_t* state(int64_t head, int64_t k) { return states.data() + (head * (tiles_per_chunk + 1) + k) * state_size; }
+    acc_t* state_grad(int64_t head) { return state_grads.data() + head * state_size; }
   };
 
-  void run(int64_t b, int64_t head, int64_t slot, Workspace& w) const {
+  void run(const HeadBlock& task, Workspace& w) const {
     const ScanDims& d = in.dims;
-    const int64_t n = d.state, p = d.dim;
-    std::copy_n(d.state_of(grad_final_states, b, 0, head, 1), p * n, w.state_grad());
-    transpose(w.state_grad(), n, p, n, w.state_grad_t(), p);
+    const int64_t n = d.state, p = d.dim, heads = task.end - task.begin;
+    for (int64_t k = 0; k < heads; ++k) {
+      transpose(d.state_of(grad_final_states, task.b, 0, task.begin + k, 1), n, p, n, w.state_grad(k), p);
+    }
     for (int64_t c = d.chunks() - 1; c >= 0; --c) {
-      const int64_t tiles = recompute_states(b, head, c, w);
-      for (int64_t k = tiles - 1; k >= 0; --k) {
-        tile(w.tiles[k], w.states.data() + k * n * p, w.states.data() + (k + 1) * n * p, slot, w);
+      for (int64_t k = recompute_states(task, c, w) - 1; k >= 0; --k) {
+        const int64_t t0 = w.tile(0, k).t0, q = w.tile(0, k).q;
+        acc_t* c_rows = w.ds_c.data() + p * n;
+        load_b(in, task.b, task.begin, t0, q, w.s_b.data() + p * n, w.bt.data());
+        load_c(in, task.b, task.begin, t0, q, c_rows);
+        cpu::gemm(q, q, n, c_rows, n, w.bt.data(), kTile, w.scores.data(), kTile);  // C B^T
+        for (int64_t h = 0; h < heads; ++h) {
+          tile(w.tile(h, k), w.state(h, k), w.state_grad(h), task.slot, w);
+        }
       }
     }
-    if (dinitial_states) std::copy_n(w.state_grad(), p * n, d.state_of(dinitial_states, b, 0, head, 1));
+    for (int64_t k = 0; k < heads && dinitial_states; ++k) {
+      transpose(w.state_grad(k), p, n, p, d.state_of(dinitial_states, task.b, 0, task.begin + k, 1), n);
+    }
   }
 
-  // The chunk's tiles into w.tiles, the transposed states entering them (and leaving the last)
-  // into w.states; returns the tile count.
-  int64_t recompute_states(int64_t b, int64_t head, int64_t c, Workspace& w) const {
+  // Chunk c's tiles of every head into w.tiles, the states entering them (and leaving the last)
+  // into w.states; returns the chunk's tile count.
+  int64_t recompute_states(const HeadBlock& task, int64_t c, Workspace& w) const {
     const ScanDims& d = in.dims;
-    const int64_t n = d.state, p = d.dim;
-    transpose(d.state_of(chunk_states, b, c, head, d.chunks()), n, p, n, w.states.data(), p);
+    const int64_t n = d.state, p = d.dim, heads = task.end - task.begin;
+    for (int64_t h = 0; h < heads; ++h) {
+      transpose(d.state_of(chunk_states, task.b, c, task.begin + h, d.chunks()), n, p, n, w.state(h, 0), p);
+    }
+    acc_t* x = w.s_x.data() + n * p;
     int64_t k = 0;
     for (int64_t t0 = c * d.chunk; t0 < d.chunk_end(c); t0 += kTile, ++k) {
-      w.tiles[k] = Tile<acc_t>::at(in, b, head, t0, std::min(kTile, d.chunk_end(c) - t0));
-      acc_t* x = w.s_x.data() + n * p;
-      load_x_and_bt(in, w.tiles[k], x, w.s_b.data() + p * n, w.bt.data());
-      acc_t* s0 = w.states.data() + k * n * p;
-      advance_state(w.tiles[k], n, p, w.bt.data(), x, s0, s0 + n * p, w.update.data());
+      const int64_t q = std::min(kTile, d.chunk_end(c) - t0);
+      load_b(in, task.b, task.begin, t0, q, w.s_b.data() + p * n, w.bt.data());
+      for (int64_t h = 0; h < heads; ++h) {
+        const Tile<acc_t>& t = w.tile(h, k) = Tile<acc_t>::at(in, task.b, task.begin + h, t0, q);
+        load_x(in, t, x);
+        advance_state(t, n, p, w.bt.data(), w.bw.data(), x, w.state(h, k), w.state(h, k + 1), w.update.data());
+      }
     }
     return k;
   }
 
-  // One tile: s0t, s1t (n, p) the transposed states entering and leaving it.
-  void tile(const Tile<acc_t>& t, const acc_t* s0t, const acc_t* s1t, int64_t slot, Workspace& w) const {
+  // One head's tile: s0t (n, p) the transposed state entering it, ds_t (n, p) the gradient of the
+  // one leaving it, replaced by the gradient of the one entering it.
+  void tile(const Tile<acc_t>& t, const acc_t* s0t, acc_t* ds_t, int64_t slot, Workspace& w) const {
     const int64_t n = in.dims.state, p = in.dims.dim;
-    load(t, s0t, w);
+    load(t, s0t, ds_t, w);
     score_gradients(t, w);
     if (in.z) gate_gradient(t, w);
-    const acc_t end_term = dot(w.state_grad_t(), s1t, n * p);  // <dS, S1>
+    const acc_t carried = t.entering(t.q - 1) * dot(ds_t, s0t, n * p);  // e_{q-1} <dS, S0>
     matrix_gradients(t, w);
-    position_gradients(t, end_term, w);
+    position_gradients(t, carried, w);
     add_group_gradients(t, slot, w);
-    carry_state_gradient(t, w);
+    carry_state_gradient(t, ds_t, w);
   }
 
-  // X, B, C, gy = dout silu(z) (and dout itself with z) into their slots, S0 on top of X and B.
-  void load(const Tile<acc_t>& t, const acc_t* s0t, Workspace& w) const {
+  // The head's rows into the stacks: X (and X^T), S0^T (for dz) and S0, dS^T and dS, gy = dout silu(z)
+  // (dout itself with z).
+  void load(const Tile<acc_t>& t, const acc_t* s0t, const acc_t* ds_t, Workspace& w) const {
     const ScanDims& d = in.dims;
     const int64_t n = d.state, p = d.dim, q = t.q;
     acc_t* x = w.s_x.data() + n * p;
-    load_x_and_bt(in, t, x, w.s_b.data() + p * n, w.bt.data());
-    load_c(in, t, w.ds_c.data() + p * n);
+    load_x(in, t, x);
     transpose(x, p, q, p, w.xt.data(), kTile);
-    std::copy_n(s0t, n * p, w.s_x.data());
+    if (in.z) std::copy_n(s0t, n * p, w.s_x.data());
     transpose(s0t, p, n, p, w.s_b.data(), n);
+    std::copy_n(ds_t, n * p, w.ds_gy.data());
+    transpose(ds_t, p, n, p, w.ds_c.data(), n);
     acc_t* gy = w.ds_gy.data() + n * p;
     load_rows(d.head_row(grad_out, t.b, t.t0, t.head), d.heads * p, q, p, in.z ? w.dout.data() : gy, p);
-    if (in.z) {
-      for (int64_t i = 0; i < q; ++i) gate_row(d.head_row(in.z, t.b, t.t0 + i, t.head), w.dout.data() + i * p,
-                                               gy + i * p, p);
+    for (int64_t i = 0; i < q && in.z; ++i) {
+      gate_row(d.head_row(in.z, t.b, t.t0 + i, t.head), w.dout.data() + i * p, gy + i * p, p);
     }
   }
 
@@ -402,31 +483,49 @@ struct ChunkScanBackward {
     for (int64_t k = 0; k < p; ++k) gy[k] = dout[k] * math::silu(static_cast<acc_t>(z[k]));
   }
 
-  // C B^T and P = GY X^T, then lhs_c's dG, lhs_b's dG^T, lhs_x's M^T and lhs_y's M diag(dt).
+  // P = GY X^T, then lhs_c's dG, lhs_b's dG^T, lhs_x's M^T, lhs_y's M diag(dt), and the decay
+  // gradient through K.
   void score_gradients(const Tile<acc_t>& t, Workspace& w) const {
     const int64_t n = in.dims.state, p = in.dims.dim, q = t.q;
-    acc_t* scores = w.scores.data();
-    cpu::gemm(q, q, n, w.ds_c.data() + p * n, n, w.bt.data(), kTile, scores, kTile);
     cpu::gemm(q, q, p, w.ds_gy.data() + n * p, p, w.xt.data(), kTile, w.products.data(), kTile);
     for (int64_t i = 0; i < q; ++i) {
-      score_gradient_row(t, i, scores + i * kTile, w.products.data() + i * kTile, w.lhs_c.data() + i * (p + kTile) + p,
+      score_gradient_row(t, i, w.scores.data() + i * kTile, w.products.data() + i * kTile,
+                         w.decayed.data() + i * kTile, w.lhs_c.data() + i * (p + kTile) + p,
                          w.lhs_y.data() + i * (n + kTile) + n);
     }
-    transpose(scores, kTile, q, q, w.lhs_x.data() + n, n + kTile);
+    straddling_sums(q, w.lhs_c.data() + p, p + kTile, w.scores.data(), w.within.data());
+    transpose(w.decayed.data(), kTile, q, q, w.lhs_x.data() + n, n + kTile);
     transpose(w.lhs_c.data() + p, p + kTile, q, q, w.lhs_b.data() + p, p + kTile);
   }
 
-  // Row i: scores (C B^T)_i. -> M_i. = K_i. o (C B^T)_i., dg = K_i. o P_i. o dt, m_dt = M_i. o dt.
-  static RNNKERN_VECTORIZED void score_gradient_row(const Tile<acc_t>& t, int64_t i, acc_t* __restrict scores,
-                                                    const acc_t* __restrict products, acc_t* __restrict dg,
-                                                    acc_t* __restrict m_dt) {
+  // Row i: m = K_i. o (C B^T)_i., dg = K_i. o P_i. o dt, m_dt = m o dt.
+  static RNNKERN_VECTORIZED void score_gradient_row(const Tile<acc_t>& t, int64_t i, const acc_t* __restrict scores,
+                                                    const acc_t* __restrict products, acc_t* __restrict m,
+                                                    acc_t* __restrict dg, acc_t* __restrict m_dt) {
     acc_t k[kTile];
     decay_row(t, i, k);
 #pragma omp simd
     for (int64_t j = 0; j < t.q; ++j) {
-      scores[j] *= k[j];
-      m_dt[j] = scores[j] * t.dt[j];
+      m[j] = k[j] * scores[j];
+      m_dt[j] = m[j] * t.dt[j];
       dg[j] = k[j] * products[j] * t.dt[j];
+    }
+  }
+
+  // through_k_j = sum_{i >= j > k} Z_ik for Z = dG o C B^T (dG's rows ld apart): the gradient of
+  // sum_{i >= j} cs_i through K, the pairs that straddle j. (Summing rows minus columns of Z
+  // instead cancels the pairs on one side of j, and lost three digits in fp32.)
+  static RNNKERN_VECTORIZED void straddling_sums(int64_t q, const acc_t* __restrict dg, int64_t ld,
+                                                 const acc_t* __restrict scores, acc_t* __restrict through_k) {
+    acc_t below[kTile] = {};  // below[k] = sum_{i >= j} Z_ik
+    for (int64_t j = q - 1; j >= 0; --j) {
+      acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < j; ++k) {
+        below[k] += dg[j * ld + k] * scores[j * kTile + k];
+        sum += below[k];
+      }
+      through_k[j] = sum;
     }
   }
 
@@ -435,10 +534,7 @@ struct ChunkScanBackward {
     const ScanDims& d = in.dims;
     const int64_t n = d.state, p = d.dim, q = t.q, ld = n + kTile;
     const acc_t* c = w.ds_c.data() + p * n;
-    for (int64_t i = 0; i < q; ++i) {
-      const acc_t e = t.entering(i);
-      for (int64_t j = 0; j < n; ++j) w.lhs_y[i * ld + j] = e * c[i * n + j];
-    }
+    for (int64_t i = 0; i < q; ++i) scaled_copy(c + i * n, t.entering(i), n, w.lhs_y.data() + i * ld);
     cpu::gemm(q, p, n + q, w.lhs_y.data(), ld, w.s_x.data(), p, w.y.data(), p);
     const acc_t* x = w.s_x.data() + n * p;
     const acc_t* skip = in.D ? in.D + t.head * p : nullptr;
@@ -460,7 +556,8 @@ struct ChunkScanBackward {
     }
   }
 
-  // The left columns of lhs_c, lhs_b, lhs_x and (diag(e) C)^T, then dC, dB and U.
+  // The left columns of lhs_c, lhs_b, lhs_x and (diag(e) C)^T, then dC and U in their two parts
+  // (c_entering = diag(e) GY S0, u_leaving = diag(w) B dS^T, added in position_gradients) and dB.
   void matrix_gradients(const Tile<acc_t>& t, Workspace& w) const {
     const int64_t n = in.dims.state, p = in.dims.dim, q = t.q;
     const acc_t* x = w.s_x.data() + n * p;
@@ -468,15 +565,17 @@ struct ChunkScanBackward {
     const acc_t* c = w.ds_c.data() + p * n;
     const acc_t* gy = w.ds_gy.data() + n * p;
     for (int64_t i = 0; i < q; ++i) {
-      const acc_t e = t.entering(i), to_end = t.to_end(i), weight = to_end * t.dt[i];
+      const acc_t e = t.entering(i), to_end = t.to_end(i);
       scaled_copy(gy + i * p, e, p, w.lhs_c.data() + i * (p + kTile));
-      scaled_copy(x + i * p, weight, p, w.lhs_b.data() + i * (p + kTile));
+      scaled_copy(x + i * p, to_end * t.dt[i], p, w.lhs_b.data() + i * (p + kTile));
       scaled_copy(b_rows + i * n, to_end, n, w.lhs_x.data() + i * (n + kTile));
       for (int64_t k = 0; k < n; ++k) w.ct[k * kTile + i] = e * c[i * n + k];
     }
-    cpu::gemm(q, n, p + q, w.lhs_c.data(), p + kTile, w.s_b.data(), n, w.d_c.data(), n);    // dC
+    cpu::gemm(q, n, p, w.lhs_c.data(), p + kTile, w.s_b.data(), n, w.c_entering.data(), n);
+    cpu::gemm(q, n, q, w.lhs_c.data() + p, p + kTile, b_rows, n, w.d_c.data(), n);           // dG B
     cpu::gemm(q, n, p + q, w.lhs_b.data(), p + kTile, w.ds_c.data(), n, w.d_b.data(), n);   // dB
-    cpu::gemm(q, p, n + q, w.lhs_x.data(), n + kTile, w.ds_gy.data(), p, w.u.data(), p);    // U
+    cpu::gemm(q, p, n, w.lhs_x.data(), n + kTile, w.ds_gy.data(), p, w.u_leaving.data(), p);
+    cpu::gemm(q, p, q, w.lhs_x.data() + n, n + kTile, gy, p, w.u.data(), p);                 // M^T GY
   }
 
   static RNNKERN_VECTORIZED void scaled_copy(const acc_t* __restrict src, acc_t scale, int64_t size,
@@ -485,26 +584,38 @@ struct ChunkScanBackward {
     for (int64_t k = 0; k < size; ++k) dst[k] = scale * src[k];
   }
 
-  // dx, ddt, and the tile's share of dA and dD.
-  void position_gradients(const Tile<acc_t>& t, acc_t end_term, Workspace& w) const {
+  // dx, ddt, the tile's share of dA and dD, and dC, U made whole. The gradient of the log-decay
+  // at j, sum_{i >= j} dcs_i, is summed in three parts, each free of the others' cancellation:
+  //   through K:  within_j (straddling_sums)
+  //   through e:  sum_{i >= j} e_i gy_i . (S0 C_i) = C_i . c_entering_i
+  //   through w:  e_{q-1} <dS, S0> + sum_{i < j} V_i,   V_i = dt_i x_i . u_leaving_i
+  void position_gradients(const Tile<acc_t>& t, acc_t carried, Workspace& w) const {
     const ScanDims& d = in.dims;
-    const int64_t n = d.state, p = d.dim;
+    const int64_t n = d.state, p = d.dim, q = t.q;
     const acc_t* x = w.s_x.data() + n * p;
-    const acc_t* b_rows = w.s_b.data() + p * n;
     const acc_t* c = w.ds_c.data() + p * n;
     const acc_t* gy = w.ds_gy.data() + n * p;
     const acc_t* skip = in.D ? in.D + t.head * p : nullptr;
     acc_t* d_skip = dD ? dD + (t.b * d.heads + t.head) * p : nullptr;
+    acc_t later[kTile];  // the parts through K and e
+    acc_t sum = 0;       // the part through e
+    for (int64_t i = q - 1; i >= 0; --i) {
+      const acc_t* entering = w.c_entering.data() + i * n;
+      sum += dot(c + i * n, entering, n);
+      later[i] = w.within[i] + sum;
+      add(entering, n, w.d_c.data() + i * n);
+    }
     const acc_t A = in.A[t.head];
-    acc_t later = 0, d_A = 0;  // later: sum_{i' >= i} dcs_i'
-    for (int64_t i = t.q - 1; i >= 0; --i) {
-      const acc_t dcs = dot(c + i * n, w.d_c.data() + i * n, n) - dot(b_rows + i * n, w.d_b.data() + i * n, n) +
-                        (i == t.q - 1 ? end_term : acc_t(0));
-      later += dcs;
-      d_A += dcs * t.steps[i];
-      const acc_t* u = w.u.data() + i * p;
-      ddt[(t.b * d.length + t.t0 + i) * d.heads + t.head] = dot(x + i * p, u, p) + A * later;
-      input_gradient_row(u, t.dt[i], gy + i * p, x + i * p, skip, d_skip, d.head_row(dx, t.b, t.t0 + i, t.head), p);
+    acc_t leaving = carried, d_A = 0;
+    for (int64_t j = 0; j < q; ++j) {
+      const acc_t d_log_decay = later[j] + leaving;
+      const acc_t* u_leaving = w.u_leaving.data() + j * p;
+      acc_t* u = w.u.data() + j * p;
+      leaving += t.dt[j] * dot(x + j * p, u_leaving, p);
+      add(u_leaving, p, u);
+      ddt[(t.b * d.length + t.t0 + j) * d.heads + t.head] = dot(x + j * p, u, p) + A * d_log_decay;
+      d_A += t.dt[j] * d_log_decay;
+      input_gradient_row(u, t.dt[j], gy + j * p, x + j * p, skip, d_skip, d.head_row(dx, t.b, t.t0 + j, t.head), p);
     }
     dA[t.b * d.heads + t.head] += d_A;
   }
@@ -525,7 +636,7 @@ struct ChunkScanBackward {
     }
   }
 
-  // This head's dB, dC into the task's slot of its group's rows.
+  // The head's dB, dC into the task's slot of its group's rows.
   void add_group_gradients(const Tile<acc_t>& t, int64_t slot, Workspace& w) const {
     const ScanDims& d = in.dims;
     const int64_t n = d.state;
@@ -540,14 +651,12 @@ struct ChunkScanBackward {
     for (int64_t k = 0; k < size; ++k) dst[k] += src[k];
   }
 
-  // dS <- e_{q-1} dS + GY^T diag(e) C, in both layouts: the gradient of the state entering the tile.
-  void carry_state_gradient(const Tile<acc_t>& t, Workspace& w) const {
+  // ds_t <- e_{q-1} ds_t + ((diag(e) C)^T GY): the gradient of the state entering the tile.
+  void carry_state_gradient(const Tile<acc_t>& t, acc_t* ds_t, Workspace& w) const {
     const int64_t n = in.dims.state, p = in.dims.dim;
     cpu::gemm(n, p, t.q, w.ct.data(), kTile, w.ds_gy.data() + n * p, p, w.update.data(), p);
     const acc_t decay = t.entering(t.q - 1);
-    acc_t* ds_t = w.state_grad_t();
     for (int64_t i = 0; i < n * p; ++i) ds_t[i] = decay * ds_t[i] + w.update[i];
-    transpose(ds_t, p, n, p, w.state_grad(), n);
   }
 };
 
@@ -620,9 +729,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mamba_chunk_scan_fwd_cpu(
     const Kernel kernel{inputs.view<scalar_t, acc_t>(dims), cpu::data_or_null<acc_t>(h0), out.data_ptr<scalar_t>(),
                         final_states.data_ptr<acc_t>(),
                         keep_chunk_states ? chunk_states.data_ptr<acc_t>() : nullptr};
-    at::parallel_for(0, dims.batch * dims.heads, 1, [&](int64_t first, int64_t last) {
-      typename Kernel::Workspace workspace(dims);
-      for (int64_t row = first; row < last; ++row) kernel.run(row / dims.heads, row % dims.heads, workspace);
+    const HeadBlocks tasks(dims);
+    at::parallel_for(0, dims.batch * dims.groups * tasks.blocks, 1, [&](int64_t first, int64_t last) {
+      typename Kernel::Workspace workspace(dims, tasks.max_heads());
+      for (int64_t task = first; task < last; ++task) kernel.run(tasks[task], workspace);
     });
   });
   return {out, final_states, chunk_states};
@@ -647,13 +757,11 @@ mamba_chunk_scan_bwd_cpu(const at::Tensor& x, const at::Tensor& dt, const at::Te
   const at::Tensor chunk_states = chunk_states_in.contiguous(), grad_out = grad_out_in.contiguous();
   const at::Tensor grad_final_states = grad_final_states_in.contiguous();
 
-  // Tasks own (sequence, group, block of the group's heads); a block's dB, dC go to its slot.
-  const int64_t heads_per_group = heads / groups;
-  const int64_t blocks = cpu::blocks_per_pair(batch * groups, heads_per_group);
+  const HeadBlocks tasks(dims);
   const auto options = x.options().dtype(acc);
   auto none = [&] { return at::empty({0}, options); };
-  at::Tensor dB = at::zeros({blocks, batch, length, groups, dims.state}, options);
-  at::Tensor dC = at::zeros({blocks, batch, length, groups, dims.state}, options);
+  at::Tensor dB = at::zeros({tasks.blocks, batch, length, groups, dims.state}, options);
+  at::Tensor dC = at::zeros({tasks.blocks, batch, length, groups, dims.state}, options);
   at::Tensor dx = at::empty(x.sizes(), options), ddt = at::empty({batch, length, heads}, options);
   at::Tensor dz = z.has_value() ? at::empty(x.sizes(), options) : none();
   at::Tensor dA = at::zeros({batch, heads}, options);
@@ -668,14 +776,9 @@ mamba_chunk_scan_bwd_cpu(const at::Tensor& x, const at::Tensor& dt, const at::Te
                         ddt.data_ptr<acc_t>(), cpu::data_or_null<acc_t>(dz), dB.data_ptr<acc_t>(),
                         dC.data_ptr<acc_t>(), batch * length * groups * dims.state, dA.data_ptr<acc_t>(),
                         cpu::data_or_null<acc_t>(dD), initial_states.has_value() ? dinitial.data_ptr<acc_t>() : nullptr};
-    at::parallel_for(0, batch * groups * blocks, 1, [&](int64_t first, int64_t last) {
-      typename Kernel::Workspace workspace(dims);
-      for (int64_t task = first; task < last; ++task) {
-        const int64_t block = task % blocks, pair = task / blocks, head0 = (pair % groups) * heads_per_group;
-        const int64_t begin = head0 + heads_per_group * block / blocks;
-        const int64_t end = head0 + heads_per_group * (block + 1) / blocks;
-        for (int64_t head = begin; head < end; ++head) kernel.run(pair / groups, head, block, workspace);
-      }
+    at::parallel_for(0, batch * groups * tasks.blocks, 1, [&](int64_t first, int64_t last) {
+      typename Kernel::Workspace workspace(dims, tasks.max_heads());
+      for (int64_t task = first; task < last; ++task) kernel.run(tasks[task], workspace);
     });
   });
   return {dx, ddt, dA.sum(0), dB.sum(0), dC.sum(0), D.has_value() ? dD.sum(0) : none(), dz, dinitial};
