@@ -12,7 +12,7 @@ from rnnkern.ops import mamba_chunk_scan as ops
 from rnnkern.ops.mamba_chunk_scan import MAMBA_CHUNK_SCAN
 from rnnkern.ops.mamba_chunk_scan import reference
 from tests.conftest import backend_params, ran_op
-from tests.tolerances import assert_close
+from tests.tolerances import assert_all_close, assert_close
 
 DTYPE_IDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
 TENSOR_ARGS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
@@ -148,14 +148,6 @@ def run(backend, inputs: dict) -> dict:
         return rnnkern.mamba_chunk_scan(**kwargs, return_final_states=True, backend=backend)
 
     return outputs_and_grads(scan, inputs)
-
-
-def assert_all_close(actual: dict, expected: dict, dtype, check_dtypes=True) -> None:
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        if check_dtypes:
-            assert actual[name].dtype == expected[name].dtype, name
-        assert_close(actual[name], expected[name], dtype, name)
 
 
 def fp64_loop(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
