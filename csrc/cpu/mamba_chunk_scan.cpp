@@ -35,6 +35,7 @@
 #include "gemm.h"
 #include "row_groups.h"
 #include "tensor_args.h"
+#include "transpose.h"
 #include "vectorized.h"
 
 namespace rnnkern {
@@ -136,15 +137,6 @@ RNNKERN_VECTORIZED void load_rows(const scalar_t* __restrict src, int64_t stride
   }
 }
 
-// dst (cols, rows) = src (rows, cols)^T, leading dimensions ld_src and ld_dst.
-template <typename T>
-void transpose(const T* __restrict src, int64_t ld_src, int64_t rows, int64_t cols, T* __restrict dst,
-               int64_t ld_dst) {
-  for (int64_t c = 0; c < cols; ++c) {
-    for (int64_t r = 0; r < rows; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
-  }
-}
-
 template <typename T>
 RNNKERN_VECTORIZED T dot(const T* __restrict a, const T* __restrict b, int64_t size) {
   T sum = 0;
@@ -166,7 +158,7 @@ void load_b(const ScanInputs<scalar_t, acc_t>& in, int64_t b, int64_t head, int6
             acc_t* bt) {
   const ScanDims& d = in.dims;
   load_rows(d.group_row(in.B, b, t0, head), d.groups * d.state, q, d.state, b_rows, d.state);
-  transpose(b_rows, d.state, q, d.state, bt, kTile);
+  cpu::transpose(b_rows, d.state, q, d.state, bt, kTile);
 }
 
 // C's rows t0 .. t0 + q - 1 of head's group (q, n), as acc_t.
@@ -248,14 +240,14 @@ struct ChunkScanForward {
     const int64_t n = d.state, p = d.dim, chunks = d.chunks(), heads = task.end - task.begin;
     for (int64_t k = 0; k < heads; ++k) {
       if (initial_states) {
-        transpose(d.state_of(initial_states, task.b, 0, task.begin + k, 1), n, p, n, w.stack(k), p);
+        cpu::transpose(d.state_of(initial_states, task.b, 0, task.begin + k, 1), n, p, n, w.stack(k), p);
       } else {
         std::fill_n(w.stack(k), n * p, acc_t(0));
       }
     }
     for (int64_t c = 0; c < chunks; ++c) {
       for (int64_t k = 0; k < heads && chunk_states; ++k) {
-        transpose(w.stack(k), p, n, p, d.state_of(chunk_states, task.b, c, task.begin + k, chunks), n);
+        cpu::transpose(w.stack(k), p, n, p, d.state_of(chunk_states, task.b, c, task.begin + k, chunks), n);
       }
       for (int64_t t0 = c * d.chunk; t0 < d.chunk_end(c); t0 += kTile) {
         const int64_t q = std::min(kTile, d.chunk_end(c) - t0);
@@ -266,7 +258,7 @@ struct ChunkScanForward {
       }
     }
     for (int64_t k = 0; k < heads; ++k) {
-      transpose(w.stack(k), p, n, p, d.state_of(final_states, task.b, 0, task.begin + k, 1), n);
+      cpu::transpose(w.stack(k), p, n, p, d.state_of(final_states, task.b, 0, task.begin + k, 1), n);
     }
   }
 
@@ -402,7 +394,7 @@ struct ChunkScanBackward {
     const ScanDims& d = in.dims;
     const int64_t n = d.state, p = d.dim, heads = task.end - task.begin;
     for (int64_t k = 0; k < heads; ++k) {
-      transpose(d.state_of(grad_final_states, task.b, 0, task.begin + k, 1), n, p, n, w.state_grad(k), p);
+      cpu::transpose(d.state_of(grad_final_states, task.b, 0, task.begin + k, 1), n, p, n, w.state_grad(k), p);
     }
     for (int64_t c = d.chunks() - 1; c >= 0; --c) {
       for (int64_t k = recompute_states(task, c, w) - 1; k >= 0; --k) {
@@ -417,7 +409,7 @@ struct ChunkScanBackward {
       }
     }
     for (int64_t k = 0; k < heads && dinitial_states; ++k) {
-      transpose(w.state_grad(k), p, n, p, d.state_of(dinitial_states, task.b, 0, task.begin + k, 1), n);
+      cpu::transpose(w.state_grad(k), p, n, p, d.state_of(dinitial_states, task.b, 0, task.begin + k, 1), n);
     }
   }
 
@@ -427,7 +419,7 @@ struct ChunkScanBackward {
     const ScanDims& d = in.dims;
     const int64_t n = d.state, p = d.dim, heads = task.end - task.begin;
     for (int64_t h = 0; h < heads; ++h) {
-      transpose(d.state_of(chunk_states, task.b, c, task.begin + h, d.chunks()), n, p, n, w.state(h, 0), p);
+      cpu::transpose(d.state_of(chunk_states, task.b, c, task.begin + h, d.chunks()), n, p, n, w.state(h, 0), p);
     }
     acc_t* x = w.s_x.data() + n * p;
     int64_t k = 0;
@@ -464,11 +456,11 @@ struct ChunkScanBackward {
     const int64_t n = d.state, p = d.dim, q = t.q;
     acc_t* x = w.s_x.data() + n * p;
     load_x(in, t, x);
-    transpose(x, p, q, p, w.xt.data(), kTile);
+    cpu::transpose(x, p, q, p, w.xt.data(), kTile);
     if (in.z) std::copy_n(s0t, n * p, w.s_x.data());
-    transpose(s0t, p, n, p, w.s_b.data(), n);
+    cpu::transpose(s0t, p, n, p, w.s_b.data(), n);
     std::copy_n(ds_t, n * p, w.ds_gy.data());
-    transpose(ds_t, p, n, p, w.ds_c.data(), n);
+    cpu::transpose(ds_t, p, n, p, w.ds_c.data(), n);
     acc_t* gy = w.ds_gy.data() + n * p;
     load_rows(d.head_row(grad_out, t.b, t.t0, t.head), d.heads * p, q, p, in.z ? w.dout.data() : gy, p);
     for (int64_t i = 0; i < q && in.z; ++i) {
@@ -494,8 +486,8 @@ struct ChunkScanBackward {
                          w.lhs_y.data() + i * (n + kTile) + n);
     }
     straddling_sums(q, w.lhs_c.data() + p, p + kTile, w.scores.data(), w.within.data());
-    transpose(w.decayed.data(), kTile, q, q, w.lhs_x.data() + n, n + kTile);
-    transpose(w.lhs_c.data() + p, p + kTile, q, q, w.lhs_b.data() + p, p + kTile);
+    cpu::transpose(w.decayed.data(), kTile, q, q, w.lhs_x.data() + n, n + kTile);
+    cpu::transpose(w.lhs_c.data() + p, p + kTile, q, q, w.lhs_b.data() + p, p + kTile);
   }
 
   // Row i: m = K_i. o (C B^T)_i., dg = K_i. o P_i. o dt, m_dt = m o dt.

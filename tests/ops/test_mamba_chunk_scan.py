@@ -20,7 +20,8 @@ TENSOR_ARGS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 # seq (seq_idx with restarts, one at a chunk's first position)
 ALL = ("D", "z", "bias", "limit", "init", "seq")
 # (batch, length, heads, p, groups, n, chunk_size, options): l = 1, chunks that do not divide l,
-# one chunk of exactly l, a chunk longer than a kernel tile (64) and than l, g in {1, 2, h}
+# one chunk of exactly l, a chunk longer than a kernel tile (64) and than l, g in {1, 2, h},
+# p and n from 3 to 12
 CASES = [
     (2, 1, 4, 3, 1, 4, 8, ("D", "z", "init")),
     (2, 37, 4, 5, 2, 3, 8, ("D", "z", "bias", "init", "seq")),
@@ -28,6 +29,7 @@ CASES = [
     (2, 130, 4, 6, 1, 4, 32, ("z", "bias", "limit", "init", "seq")),
     (1, 70, 6, 3, 2, 7, 100, ("D", "bias")),
     (1, 150, 2, 4, 1, 3, 130, ("D", "z", "init", "seq")),
+    (1, 100, 2, 10, 1, 12, 64, ("D", "z", "init", "seq")),  # p, n past the kernels' 8-wide transpose blocks
 ]
 # The Triton interpreter is slow: it runs only these.
 INTERPRETED = CASES[:3]
