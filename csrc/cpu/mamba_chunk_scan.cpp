@@ -357,11 +357,12 @@ struct ChunkScanBackward {
     std::vector<acc_t> s_b;          // [S0 ; B]    (p + kTile, n)
     std::vector<acc_t> ds_c;         // [dS ; C]    (p + kTile, n)
     std::vector<acc_t> bt, bw;       // B^T, B^T diag(w o dt) (n, kTile)
+    std::vector<acc_t> ct;           // C^T (n, kTile)
     std::vector<acc_t> scores;       // C B^T (kTile, kTile)
     // one head's, in turn
     std::vector<acc_t> s_x;          // [S0^T ; X]  (n + kTile, p)
     std::vector<acc_t> ds_gy;        // [dS^T ; GY] (n + kTile, p)
-    std::vector<acc_t> ct;           // (diag(e) C)^T (n, kTile)
+    std::vector<acc_t> cet;          // (diag(e) C)^T (n, kTile)
     std::vector<acc_t> xt;           // X^T (p, kTile)
     std::vector<acc_t> decayed;      // M (kTile, kTile)
     std::vector<acc_t> products;     // P (kTile, kTile)
@@ -378,8 +379,8 @@ struct ChunkScanBackward {
         : tiles_per_chunk(d.tiles_per_chunk()), state_size(d.state * d.dim), tiles(heads * tiles_per_chunk),
           states(heads * (tiles_per_chunk + 1) * state_size), state_grads(heads * state_size),
           s_b((d.dim + kTile) * d.state), ds_c((d.dim + kTile) * d.state), bt(d.state * kTile),
-          bw(d.state * kTile), scores(kTile * kTile), s_x((d.state + kTile) * d.dim),
-          ds_gy((d.state + kTile) * d.dim), ct(d.state * kTile), xt(d.dim * kTile), decayed(kTile * kTile),
+          bw(d.state * kTile), ct(d.state * kTile), scores(kTile * kTile), s_x((d.state + kTile) * d.dim),
+          ds_gy((d.state + kTile) * d.dim), cet(d.state * kTile), xt(d.dim * kTile), decayed(kTile * kTile),
           products(kTile * kTile), lhs_c(kTile * (d.dim + kTile)), lhs_b(kTile * (d.dim + kTile)),
           lhs_x(kTile * (d.state + kTile)), lhs_y(kTile * (d.state + kTile)), d_c(kTile * d.state),
           d_b(kTile * d.state), c_entering(kTile * d.state), u(kTile * d.dim), y(kTile * d.dim),
@@ -402,6 +403,7 @@ struct ChunkScanBackward {
         acc_t* c_rows = w.ds_c.data() + p * n;
         load_b(in, task.b, task.begin, t0, q, w.s_b.data() + p * n, w.bt.data());
         load_c(in, task.b, task.begin, t0, q, c_rows);
+        cpu::transpose(c_rows, n, q, n, w.ct.data(), kTile);
         cpu::gemm(q, q, n, c_rows, n, w.bt.data(), kTile, w.scores.data(), kTile);  // C B^T
         for (int64_t h = 0; h < heads; ++h) {
           tile(w.tile(h, k), w.state(h, k), w.state_grad(h), task.slot, w);
@@ -554,20 +556,27 @@ struct ChunkScanBackward {
     const int64_t n = in.dims.state, p = in.dims.dim, q = t.q;
     const acc_t* x = w.s_x.data() + n * p;
     const acc_t* b_rows = w.s_b.data() + p * n;
-    const acc_t* c = w.ds_c.data() + p * n;
     const acc_t* gy = w.ds_gy.data() + n * p;
+    acc_t e[kTile];
     for (int64_t i = 0; i < q; ++i) {
-      const acc_t e = t.entering(i), to_end = t.to_end(i);
-      scaled_copy(gy + i * p, e, p, w.lhs_c.data() + i * (p + kTile));
+      const acc_t to_end = t.to_end(i);
+      e[i] = t.entering(i);
+      scaled_copy(gy + i * p, e[i], p, w.lhs_c.data() + i * (p + kTile));
       scaled_copy(x + i * p, to_end * t.dt[i], p, w.lhs_b.data() + i * (p + kTile));
       scaled_copy(b_rows + i * n, to_end, n, w.lhs_x.data() + i * (n + kTile));
-      for (int64_t k = 0; k < n; ++k) w.ct[k * kTile + i] = e * c[i * n + k];
     }
+    for (int64_t k = 0; k < n; ++k) scale_columns(w.ct.data() + k * kTile, e, q, w.cet.data() + k * kTile);
     cpu::gemm(q, n, p, w.lhs_c.data(), p + kTile, w.s_b.data(), n, w.c_entering.data(), n);
     cpu::gemm(q, n, q, w.lhs_c.data() + p, p + kTile, b_rows, n, w.d_c.data(), n);           // dG B
     cpu::gemm(q, n, p + q, w.lhs_b.data(), p + kTile, w.ds_c.data(), n, w.d_b.data(), n);   // dB
     cpu::gemm(q, p, n, w.lhs_x.data(), n + kTile, w.ds_gy.data(), p, w.u_leaving.data(), p);
     cpu::gemm(q, p, q, w.lhs_x.data() + n, n + kTile, gy, p, w.u.data(), p);                 // M^T GY
+  }
+
+  static RNNKERN_VECTORIZED void scale_columns(const acc_t* __restrict src, const acc_t* __restrict scale,
+                                               int64_t size, acc_t* __restrict dst) {
+#pragma omp simd
+    for (int64_t k = 0; k < size; ++k) dst[k] = scale[k] * src[k];
   }
 
   static RNNKERN_VECTORIZED void scaled_copy(const acc_t* __restrict src, acc_t scale, int64_t size,
@@ -646,7 +655,7 @@ struct ChunkScanBackward {
   // ds_t <- e_{q-1} ds_t + ((diag(e) C)^T GY): the gradient of the state entering the tile.
   void carry_state_gradient(const Tile<acc_t>& t, acc_t* ds_t, Workspace& w) const {
     const int64_t n = in.dims.state, p = in.dims.dim;
-    cpu::gemm(n, p, t.q, w.ct.data(), kTile, w.ds_gy.data() + n * p, p, w.update.data(), p);
+    cpu::gemm(n, p, t.q, w.cet.data(), kTile, w.ds_gy.data() + n * p, p, w.update.data(), p);
     const acc_t decay = t.entering(t.q - 1);
     for (int64_t i = 0; i < n * p; ++i) ds_t[i] = decay * ds_t[i] + w.update[i];
   }
