@@ -351,7 +351,7 @@ struct ChunkScanBackward {
   struct Workspace {
     int64_t tiles_per_chunk, state_size;
     std::vector<Tile<acc_t>> tiles;  // (heads, tiles_per_chunk): the chunk's tiles of each head of the task
-    std::vector<acc_t> states;       // (heads, tiles_per_chunk + 1, n, p): S^T entering each tile, leaving the last
+    std::vector<acc_t> states;       // (heads, tiles_per_chunk, n, p): S^T entering each tile
     std::vector<acc_t> state_grads;  // (heads, n, p): dS^T
     // shared by the heads
     std::vector<acc_t> s_b;          // [S0 ; B]    (p + kTile, n)
@@ -372,12 +372,12 @@ struct ChunkScanBackward {
     std::vector<acc_t> c_entering;   // dC's part diag(e) GY S0 (kTile, n)
     std::vector<acc_t> u, y, dout;   // (kTile, p)
     std::vector<acc_t> u_leaving;    // U's part diag(w) B dS^T (kTile, p)
-    std::vector<acc_t> within;       // (kTile,)
+    std::vector<acc_t> within;       // the decay gradient through K (kTile,), straddling_sums
     std::vector<acc_t> update;       // (n, p)
 
     Workspace(const ScanDims& d, int64_t heads)
         : tiles_per_chunk(d.tiles_per_chunk()), state_size(d.state * d.dim), tiles(heads * tiles_per_chunk),
-          states(heads * (tiles_per_chunk + 1) * state_size), state_grads(heads * state_size),
+          states(heads * tiles_per_chunk * state_size), state_grads(heads * state_size),
           s_b((d.dim + kTile) * d.state), ds_c((d.dim + kTile) * d.state), bt(d.state * kTile),
           bw(d.state * kTile), ct(d.state * kTile), scores(kTile * kTile), s_x((d.state + kTile) * d.dim),
           ds_gy((d.state + kTile) * d.dim), cet(d.state * kTile), xt(d.dim * kTile), decayed(kTile * kTile),
@@ -387,7 +387,7 @@ struct ChunkScanBackward {
           dout(kTile * d.dim), u_leaving(kTile * d.dim), within(kTile), update(state_size) {}
 
     Tile<acc_t>& tile(int64_t head, int64_t k) { return tiles[head * tiles_per_chunk + k]; }
-    acc_t* state(int64_t head, int64_t k) { return states.data() + (head * (tiles_per_chunk + 1) + k) * state_size; }
+    acc_t* state(int64_t head, int64_t k) { return states.data() + (head * tiles_per_chunk + k) * state_size; }
     acc_t* state_grad(int64_t head) { return state_grads.data() + head * state_size; }
   };
 
@@ -415,8 +415,8 @@ struct ChunkScanBackward {
     }
   }
 
-  // Chunk c's tiles of every head into w.tiles, the states entering them (and leaving the last)
-  // into w.states; returns the chunk's tile count.
+  // Chunk c's tiles of every head into w.tiles, the states entering them into w.states; returns
+  // the chunk's tile count.
   int64_t recompute_states(const HeadBlock& task, int64_t c, Workspace& w) const {
     const ScanDims& d = in.dims;
     const int64_t n = d.state, p = d.dim, heads = task.end - task.begin;
@@ -424,17 +424,19 @@ struct ChunkScanBackward {
       cpu::transpose(d.state_of(chunk_states, task.b, c, task.begin + h, d.chunks()), n, p, n, w.state(h, 0), p);
     }
     acc_t* x = w.s_x.data() + n * p;
-    int64_t k = 0;
-    for (int64_t t0 = c * d.chunk; t0 < d.chunk_end(c); t0 += kTile, ++k) {
-      const int64_t q = std::min(kTile, d.chunk_end(c) - t0);
-      load_b(in, task.b, task.begin, t0, q, w.s_b.data() + p * n, w.bt.data());
+    const int64_t start = c * d.chunk, end = d.chunk_end(c), tiles = (end - start + kTile - 1) / kTile;
+    for (int64_t k = 0; k < tiles; ++k) {
+      const int64_t t0 = start + k * kTile, q = std::min(kTile, end - t0);
+      const bool last = k == tiles - 1;  // the state leaving it is not needed
+      if (!last) load_b(in, task.b, task.begin, t0, q, w.s_b.data() + p * n, w.bt.data());
       for (int64_t h = 0; h < heads; ++h) {
         const Tile<acc_t>& t = w.tile(h, k) = Tile<acc_t>::at(in, task.b, task.begin + h, t0, q);
+        if (last) continue;
         load_x(in, t, x);
         advance_state(t, n, p, w.bt.data(), w.bw.data(), x, w.state(h, k), w.state(h, k + 1), w.update.data());
       }
     }
-    return k;
+    return tiles;
   }
 
   // One head's tile: s0t (n, p) the transposed state entering it, ds_t (n, p) the gradient of the
@@ -776,7 +778,8 @@ mamba_chunk_scan_bwd_cpu(const at::Tensor& x, const at::Tensor& dt, const at::Te
                         grad_out.data_ptr<scalar_t>(), grad_final_states.data_ptr<acc_t>(), dx.data_ptr<acc_t>(),
                         ddt.data_ptr<acc_t>(), cpu::data_or_null<acc_t>(dz), dB.data_ptr<acc_t>(),
                         dC.data_ptr<acc_t>(), batch * length * groups * dims.state, dA.data_ptr<acc_t>(),
-                        cpu::data_or_null<acc_t>(dD), initial_states.has_value() ? dinitial.data_ptr<acc_t>() : nullptr};
+                        cpu::data_or_null<acc_t>(dD),
+                        initial_states.has_value() ? dinitial.data_ptr<acc_t>() : nullptr};
     at::parallel_for(0, batch * groups * tasks.blocks, 1, [&](int64_t first, int64_t last) {
       typename Kernel::Workspace workspace(dims, tasks.max_heads());
       for (int64_t task = first; task < last; ++task) kernel.run(tasks[task], workspace);
