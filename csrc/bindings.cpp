@@ -40,6 +40,13 @@ TORCH_LIBRARY(rnnkern_C, m) {
       "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, Tensor? cu_seqlens, Tensor checkpoints, "
       "Tensor grad_out, "
       "Tensor grad_last_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "mamba_chunk_scan_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+      "Tensor? initial_states, Tensor? seq_idx, int chunk_size, bool keep_chunk_states) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "mamba_chunk_scan_bwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+      "Tensor? initial_states, Tensor? seq_idx, int chunk_size, Tensor chunk_states, Tensor grad_out, "
+      "Tensor grad_final_states) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("lstm_step(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("gru_step(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> (Tensor, Tensor)");
@@ -60,6 +67,8 @@ TORCH_LIBRARY_IMPL(rnnkern_C, CPU, m) {
   m.impl("gru_layer_bwd", &rnnkern::gru_layer_bwd_cpu);
   m.impl("selective_scan_fwd", &rnnkern::selective_scan_fwd_cpu);
   m.impl("selective_scan_bwd", &rnnkern::selective_scan_bwd_cpu);
+  m.impl("mamba_chunk_scan_fwd", &rnnkern::mamba_chunk_scan_fwd_cpu);
+  m.impl("mamba_chunk_scan_bwd", &rnnkern::mamba_chunk_scan_bwd_cpu);
   m.impl("lstm_step", &rnnkern::lstm_step_cpu);
   m.impl("gru_step", &rnnkern::gru_step_cpu);
   m.impl("input_projection", &rnnkern::input_projection_cpu);

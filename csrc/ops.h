@@ -60,6 +60,24 @@ selective_scan_bwd_cpu(const at::Tensor& u, const at::Tensor& delta, const at::T
                        const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& cu_seqlens,
                        const at::Tensor& checkpoints, const at::Tensor& grad_out, const at::Tensor& grad_last_state);
 
+// Mamba-2's SSD chunk scan over x (b, l, h, p) with B/C (b, l, g, n) (see
+// rnnkern/ops/mamba_chunk_scan/reference.py for the exact contract). The forward returns
+// (out, final_states, chunk_states), chunk_states empty unless kept; the backward returns
+// (dx, ddt, dA, dB, dC, dD, dz, dinitial_states), empty tensors for absent inputs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mamba_chunk_scan_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+    const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+    const std::optional<at::Tensor>& initial_states, const std::optional<at::Tensor>& seq_idx, int64_t chunk_size,
+    bool keep_chunk_states);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+mamba_chunk_scan_bwd_cpu(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                         const at::Tensor& C, const std::optional<at::Tensor>& D,
+                         const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& initial_states,
+                         const std::optional<at::Tensor>& seq_idx, int64_t chunk_size,
+                         const at::Tensor& chunk_states, const at::Tensor& grad_out,
+                         const at::Tensor& grad_final_states);
+
 // x (..., K) W^T + bias for a weight W (N, K): a recurrent layer's input projection.
 at::Tensor input_projection_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 

@@ -22,3 +22,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(
         actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}"
     )
+
+
+def assert_all_close(actual: dict, expected: dict, dtype: torch.dtype, check_dtypes: bool = True) -> None:
+    """assert_close for every named result of two runs (the same names), and the same dtypes."""
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        if check_dtypes:
+            assert actual[name].dtype == expected[name].dtype, name
+        assert_close(actual[name], expected[name], dtype, name)

@@ -30,6 +30,7 @@
 
 #include "../math/activations.h"
 #include "../ops.h"
+#include "row_groups.h"
 #include "tensor_args.h"
 #include "vectorized.h"
 
@@ -395,15 +396,6 @@ at::Tensor acc_or_undefined(const std::optional<at::Tensor>& x, at::ScalarType a
   return x.has_value() ? x->to(acc).contiguous() : at::Tensor();
 }
 
-// Channels per backward task: tasks own (sequence, group, block of the group's channels);
-// blocks split a group only when there are too few (sequence, group) pairs for the threads,
-// as each extra block of a variable B/C costs one more gradient slot of B's size.
-int64_t backward_blocks(int64_t pairs, int64_t channels_per_group) {
-  const int64_t wanted = 2 * at::get_num_threads();
-  return std::clamp<int64_t>((wanted + pairs - 1) / std::max<int64_t>(pairs, 1), 1,
-                             std::max<int64_t>(channels_per_group, 1));
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd_cpu(
@@ -483,7 +475,9 @@ selective_scan_bwd_cpu(const at::Tensor& u_in, const at::Tensor& delta_in, const
 
   // Work split: (sequence, group, block) tasks; both-fixed B/C count as one group.
   const int64_t groups = std::max<int64_t>(shape.groups, 1), channels_per_group = dim / groups;
-  const int64_t blocks = backward_blocks(batch * groups, channels_per_group);
+  // Tasks own (sequence, group, block of the group's channels): each extra block of a
+  // variable B/C costs one more gradient slot of B's size.
+  const int64_t blocks = cpu::blocks_per_pair(batch * groups, channels_per_group);
   // Gradient buffers: variable B/C get one slot per block, in the kernel layout
   // (blocks, Bt, G, L, N); fixed ones a per-sequence partial (Bt, Dm, N).
   auto grad_buffer = [&](const at::Tensor& x) {

@@ -39,6 +39,10 @@ RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE float select(bool cond, float a, float 
   const uint32_t mask = 0u - static_cast<uint32_t>(cond);
   return bit_cast<float>((bit_cast<uint32_t>(a) & mask) | (bit_cast<uint32_t>(b) & ~mask));
 }
+RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE double select(bool cond, double a, double b) {
+  const uint64_t mask = uint64_t{0} - static_cast<uint64_t>(cond);
+  return bit_cast<double>((bit_cast<uint64_t>(a) & mask) | (bit_cast<uint64_t>(b) & ~mask));
+}
 
 // e^x for float x clamped to [-87, 88], where e^x is a normal float; the clamp saturates
 // sigmoid and tanh correctly, and NaN goes through.
