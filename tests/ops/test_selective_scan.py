@@ -219,7 +219,7 @@ def test_kernel_checkpoints_are_the_states_before_each_chunk(device, backend, ca
     forward = SELECTIVE_SCAN.function(backend, "selective_scan_fwd")
     args = [inputs.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
     args[3:5] = [ops._variable(args[3]), ops._variable(args[4])]
-    out, last, checkpoints = forward(*args, inputs["delta_softplus"], inputs["initial_state"], training)
+    out, last, checkpoints = forward(*args, inputs["delta_softplus"], inputs["initial_state"], None, training)
     ref_out, ref_last, ref_checkpoints = ops.reference.selective_scan_fwd(
         *args, inputs["delta_softplus"], inputs["initial_state"], True)
     length = inputs["u"].shape[2]
