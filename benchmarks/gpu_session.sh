@@ -7,7 +7,7 @@
 #   gpu.log      phase gpu: the gpu-marked tests (tests/test_gpu.py and every test's cuda
 #                parametrisation: the Triton kernels compiled, on cuda tensors)
 #   micro.log    phase micro: about a minute of benchmarks/run.py --quick --device cuda for the
-#                scan, lstm (H=768 B=16 T=1024 bf16 against cuDNN) and selective (against
+#                scan, lstm (H=768 B=16 T=1024 bf16 against cuDNN), selective and mamba2 (against
 #                mamba_ssm when installed) suites; micro.json their records
 #   tests.log    phase tests: the rest of the suite (not gpu-marked)
 #   aot.txt      phase aot: python -m rnnkern.aot on this machine's triton
@@ -49,7 +49,7 @@ phase() {  # phase NAME LOG COMMAND...: runs COMMAND under the time limit, its o
 wants build && phase build build.log python3 setup.py build_ext --inplace
 wants gpu && phase gpu gpu.log python3 -m pytest -q -rs -m gpu tests
 micro() {  # the three quick suites, one results file
-  for suite in scan lstm selective; do
+  for suite in scan lstm selective mamba2; do
     python3 benchmarks/run.py --quick --device cuda --suite "$suite" --out "$out/micro-$suite" || return 1
     mv "$out/micro-$suite/results.json" "$out/micro-$suite.json" && rm -rf "$out/micro-$suite"
   done

@@ -6,7 +6,7 @@ import pytest
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 EXAMPLES = re.findall(r"```python\n(.*?)```", README, re.DOTALL)
-EXPECTED = [("h", (4, 8192, 1024)), ("y_t", (16, 1, 256)), ("y_next", (2, 1, 128))]  # a result of each example, in order
+EXPECTED = [("h", (4, 8192, 1024)), ("y_t", (16, 1, 256)), ("y_next", (2, 1, 128)), ("y_next2", (2, 1, 128))]  # a result of each example, in order
 
 
 def test_every_example_has_an_expectation():
