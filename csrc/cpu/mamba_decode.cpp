@@ -137,6 +137,8 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x_in,
   const at::Tensor dt_bias = cpu::contiguous_or_undefined(dt_bias_in);
   at::Tensor out = at::empty_like(x);
   const int64_t channels = heads * dim, heads_per_group = heads / groups;
+  const int64_t a_stride_h = A.stride(0), a_stride_p = A.stride(1);
+  const int64_t h_stride_s = state.stride(0), h_stride_h = state.stride(1), h_stride_p = state.stride(2);
   AT_DISPATCH_FLOATING_TYPES(dtype, "selective_state_update_cpu", [&] {
     const scalar_t *xs = x.data_ptr<scalar_t>(), *dts = dt.data_ptr<scalar_t>(), *a = A.data_ptr<scalar_t>();
     const scalar_t *bs = B.data_ptr<scalar_t>(), *cs = C.data_ptr<scalar_t>();
@@ -156,10 +158,10 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x_in,
         scalar_t step = dts[row] + (bias ? bias[c] : scalar_t(0));
         if (dt_softplus) step = math::softplus(step);
         const scalar_t drive = step * xs[row];
-        const scalar_t* a_row = a + head * A.stride(0) + p * A.stride(1);
-        const scalar_t* b_row = bs + (b * groups + head / heads_per_group) * n;
-        const scalar_t* c_row = cs + (b * groups + head / heads_per_group) * n;
-        scalar_t* h_row = h + slot * state.stride(0) + head * state.stride(1) + p * state.stride(2);
+        const scalar_t* a_row = a + head * a_stride_h + p * a_stride_p;
+        const int64_t group_row = (b * groups + head / heads_per_group) * n;
+        scalar_t* h_row = h + slot * h_stride_s + head * h_stride_h + p * h_stride_p;
+        const scalar_t *b_row = bs + group_row, *c_row = cs + group_row;
         scalar_t sum = uniform_A ? update_state_uniform(h_row, math::exp(step * a_row[0]), b_row, c_row, drive, n)
                                  : update_state(h_row, a_row, b_row, c_row, step, drive, n);
         if (skip) sum += skip[c] * xs[row];

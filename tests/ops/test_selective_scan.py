@@ -662,6 +662,22 @@ def test_state_update_compiles_fullgraph():
     assert_close(compiled_state, eager_state, torch.float32, "state")
 
 
+def test_multi_head_state_update_compiles_fullgraph():
+    """The Mamba-2 form under torch.compile: a per-head A expanded with stride 0, D per head, a
+    pool of slots with a padding row."""
+    inputs = head_inputs(HEAD_CASES[0], torch.float32, "cpu", slots=5)
+    pool = inputs.pop("state")
+
+    def step(state, **kwargs):
+        return rnnkern.selective_state_update(state, **kwargs).sin()
+
+    eager_state, compiled_state = pool.clone(), pool.clone()
+    expected = step(eager_state, **inputs)
+    actual = torch.compile(step, fullgraph=True)(compiled_state, **inputs)
+    assert_close(actual, expected, torch.float32, "y")
+    assert_close(compiled_state, eager_state, torch.float32, "state")
+
+
 # --- torch integration -----------------------------------------------------------------
 
 
