@@ -157,11 +157,11 @@ def test_update_bf16_with_fp32_state():
 def test_opcheck():
     x, weight, b = make_inputs((2, 5, 9, 4), torch.float32)
     ops = torch.ops.rnnkern
-    torch.library.opcheck(ops.causal_conv1d.default, (x, weight, b, "silu", "reference"))
-    torch.library.opcheck(ops.causal_conv1d.default, (x, weight, None, None, "reference"))
+    torch.library.opcheck(ops.causal_conv1d.default, (x, weight, b, "silu", None, "reference"))
+    torch.library.opcheck(ops.causal_conv1d.default, (x, weight, None, None, None, "reference"))
     grad_out = torch.randn_like(x)
-    torch.library.opcheck(ops.causal_conv1d_bwd.default, (x, weight, b, "silu", grad_out, "reference"))
-    torch.library.opcheck(ops.causal_conv1d_bwd.default, (x, weight, None, None, grad_out, "reference"))
+    torch.library.opcheck(ops.causal_conv1d_bwd.default, (x, weight, b, "silu", None, grad_out, "reference"))
+    torch.library.opcheck(ops.causal_conv1d_bwd.default, (x, weight, None, None, None, grad_out, "reference"))
     state = torch.randn(2, 5, 4)
     torch.library.opcheck(ops.causal_conv1d_update.default, (x[..., 0], state, weight, b, "silu", "reference"))
     torch.library.opcheck(ops.causal_conv1d_update.default, (x[..., 0], state, weight, None, None, "reference"))

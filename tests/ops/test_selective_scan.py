@@ -221,7 +221,7 @@ def test_kernel_checkpoints_are_the_states_before_each_chunk(device, backend, ca
     args[3:5] = [ops._variable(args[3]), ops._variable(args[4])]
     out, last, checkpoints = forward(*args, inputs["delta_softplus"], inputs["initial_state"], None, training)
     ref_out, ref_last, ref_checkpoints = ops.reference.selective_scan_fwd(
-        *args, inputs["delta_softplus"], inputs["initial_state"], True)
+        *args, inputs["delta_softplus"], inputs["initial_state"], None, True)
     length = inputs["u"].shape[2]
     assert ref_checkpoints.shape == (*inputs["initial_state"].shape[:2], -(-length // ops.CHUNK),
                                      inputs["A"].shape[1])
@@ -345,8 +345,8 @@ def test_triton_row_offsets_past_2_31(device, backend):
     for name, (u_, grad_out_) in (("triton", (u_far, grad_out_far)), ("reference", (u, grad_out))):
         forward = SELECTIVE_SCAN.function(name, "selective_scan_fwd")
         backward = SELECTIVE_SCAN.function(name, "selective_scan_bwd")
-        out, last, checkpoints = forward(u_, delta, A, B, C, D, z, bias, True, h0, True)
-        grads = backward(u_, delta, A, B, C, D, z, bias, True, h0, checkpoints, grad_out_, grad_last)
+        out, last, checkpoints = forward(u_, delta, A, B, C, D, z, bias, True, h0, None, True)
+        grads = backward(u_, delta, A, B, C, D, z, bias, True, h0, None, checkpoints, grad_out_, grad_last)
         results[name] = (out, last, *grads)
     for index, (actual, expected) in enumerate(zip(*results.values())):
         assert_close(actual, expected, torch.bfloat16, f"result {index}")
@@ -687,15 +687,16 @@ def test_opcheck(device, backend):
     u, delta, A, B, C = (inputs[k] for k in ("u", "delta", "A", "B", "C"))
     D, z, bias, h0 = inputs["D"], inputs["z"], inputs["delta_bias"], inputs["initial_state"]
     scan = torch.ops.rnnkern.selective_scan.default
-    torch.library.opcheck(scan, (u, delta, A, B, C, D, z, bias, True, h0, True, backend))
+    torch.library.opcheck(scan, (u, delta, A, B, C, D, z, bias, True, h0, None, True, backend))
     fixed_B = torch.randn(6, 4, device=device)
-    torch.library.opcheck(scan, (u, delta, A, fixed_B, C, None, None, None, False, None, True, backend))
-    torch.library.opcheck(scan, (u, delta, A, B, C, D, z, bias, True, h0, False, backend),
+    torch.library.opcheck(scan, (u, delta, A, fixed_B, C, None, None, None, False, None, None, True, backend))
+    torch.library.opcheck(scan, (u, delta, A, B, C, D, z, bias, True, h0, None, False, backend),
                           test_utils=("test_schema", "test_faketensor"))
-    _, _, checkpoints = scan(u, delta, A, B, C, D, z, bias, True, h0, True, backend)
+    _, _, checkpoints = scan(u, delta, A, B, C, D, z, bias, True, h0, None, True, backend)
     torch.library.opcheck(
         torch.ops.rnnkern.selective_scan_bwd.default,
-        (u, delta, A, B, C, D, z, bias, True, h0, checkpoints, torch.ones_like(u), torch.ones_like(h0), backend),
+        (u, delta, A, B, C, D, z, bias, True, h0, None, checkpoints, torch.ones_like(u), torch.ones_like(h0),
+         backend),
     )
 
 
