@@ -68,8 +68,9 @@ def state(name: str, x, ref: Tensor, shape: tuple, dtype: torch.dtype) -> None:
         raise ValueError(f"{name} must be on {ref.device}, got {x.device}")
 
 
-def cu_seqlens(cu: Tensor, x: Tensor, total: int) -> int:
-    """Checks packed-sequence offsets for `x` (1, total, ...); returns the sequence count."""
+def cu_seqlens(cu: Tensor, x: Tensor, total: int, time: str = "T") -> int:
+    """Checks packed-sequence offsets for `x`, whose `total` steps (named `time` in the messages)
+    are packed along one axis with batch 1; returns the sequence count."""
     if not isinstance(cu, Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype not in (torch.int32, torch.int64):
@@ -84,11 +85,11 @@ def cu_seqlens(cu: Tensor, x: Tensor, total: int) -> int:
         return cu.shape[0] - 1
     if cu.is_cuda:  # checked on the device: reading the values would wait for the GPU
         valid = (cu[0] == 0) & (cu[-1] == total) & (cu[1:] >= cu[:-1]).all()
-        torch._assert_async(valid, f"cu_seqlens must start at 0, end at T={total} and be non-decreasing")
+        torch._assert_async(valid, f"cu_seqlens must start at 0, end at {time}={total} and be non-decreasing")
         return cu.shape[0] - 1
     bounds = cu.tolist()
     if bounds[0] != 0 or bounds[-1] != total:
-        raise ValueError(f"cu_seqlens must start at 0 and end at T={total}, got {bounds[0]} ... {bounds[-1]}")
+        raise ValueError(f"cu_seqlens must start at 0 and end at {time}={total}, got {bounds[0]} ... {bounds[-1]}")
     if any(later < earlier for earlier, later in zip(bounds, bounds[1:])):
         raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
     return cu.shape[0] - 1

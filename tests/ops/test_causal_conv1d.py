@@ -114,6 +114,29 @@ def test_gradcheck_fp64(activation):
     assert torch.autograd.gradcheck(lambda *args: rnnkern.causal_conv1d(*args, activation), leaves)
 
 
+def packed_separately(x, weight, bias, activation, cu_seqlens):
+    """torch_conv on each packed sequence alone, joined along time: the ground truth of cu_seqlens."""
+    bounds = cu_seqlens.tolist()
+    return torch.cat([torch_conv(x[..., s:e], weight, bias, activation) for s, e in zip(bounds, bounds[1:]) if e > s], -1)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=["identity", "silu"])
+def test_packed_sequences_equal_separate_runs(activation):
+    """Sequences shorter than the filter, an empty one: none sees another's inputs, forward or backward."""
+    cu_seqlens = torch.tensor([0, 1, 6, 6, 8, 17])
+    x, weight, b = make_inputs((1, 3, 17, 4), torch.float64)
+    actual = outputs_and_grads(lambda *a: rnnkern.causal_conv1d(*a, cu_seqlens=cu_seqlens), x, weight, b, activation)
+    expected = outputs_and_grads(lambda *a: packed_separately(*a, cu_seqlens), x, weight, b, activation)
+    assert_all_close(actual, expected, torch.float64)
+
+
+def test_gradcheck_fp64_packed():
+    x, weight, b = make_inputs((1, 2, 7, 3), torch.float64)
+    cu_seqlens = torch.tensor([0, 2, 2, 7], dtype=torch.int32)
+    leaves = [t.requires_grad_() for t in (x, weight, b)]
+    assert torch.autograd.gradcheck(lambda *args: rnnkern.causal_conv1d(*args, "silu", cu_seqlens=cu_seqlens), leaves)
+
+
 # --- the one-step form ----------------------------------------------------------------
 
 
@@ -159,9 +182,12 @@ def test_opcheck():
     ops = torch.ops.rnnkern
     torch.library.opcheck(ops.causal_conv1d.default, (x, weight, b, "silu", None, "reference"))
     torch.library.opcheck(ops.causal_conv1d.default, (x, weight, None, None, None, "reference"))
+    cu_seqlens = torch.tensor([0, 2, 2, 9])
+    torch.library.opcheck(ops.causal_conv1d.default, (x[:1], weight, b, "silu", cu_seqlens, "reference"))
     grad_out = torch.randn_like(x)
     torch.library.opcheck(ops.causal_conv1d_bwd.default, (x, weight, b, "silu", None, grad_out, "reference"))
     torch.library.opcheck(ops.causal_conv1d_bwd.default, (x, weight, None, None, None, grad_out, "reference"))
+    torch.library.opcheck(ops.causal_conv1d_bwd.default, (x[:1], weight, b, "silu", cu_seqlens, grad_out[:1], "reference"))
     state = torch.randn(2, 5, 4)
     torch.library.opcheck(ops.causal_conv1d_update.default, (x[..., 0], state, weight, b, "silu", "reference"))
     torch.library.opcheck(ops.causal_conv1d_update.default, (x[..., 0], state, weight, None, None, "reference"))
@@ -260,6 +286,11 @@ BAD_INPUTS = {
     "activation": (dict(activation="relu"), ValueError, r"activation must be None, 'silu' or 'swish', got 'relu'"),
     "activation-type": (dict(activation=True), ValueError, r"activation must be None, 'silu' or 'swish', got True"),
     "unknown-backend": (dict(backend="cudnn"), ValueError, r"unknown backend 'cudnn'; expected one of"),
+    "cu-seqlens-batch": (dict(cu_seqlens=torch.tensor([0, 9])), ValueError, r"with cu_seqlens the batch size must be 1 .*got 2"),
+    "cu-seqlens-dtype": (dict(x=X[:1], cu_seqlens=torch.tensor([0.0, 9.0])), TypeError, r"cu_seqlens must be int32 or int64"),
+    "cu-seqlens-start": (dict(x=X[:1], cu_seqlens=torch.tensor([1, 9])), ValueError, r"cu_seqlens must start at 0 and end at L=9"),
+    "cu-seqlens-end": (dict(x=X[:1], cu_seqlens=torch.tensor([0, 4, 8])), ValueError, r"cu_seqlens must start at 0 and end at L=9"),
+    "cu-seqlens-device": (dict(x=X[:1], cu_seqlens=torch.tensor([0, 9], device="meta")), ValueError, r"cu_seqlens must be on cpu, got meta"),
 }
 
 

@@ -385,6 +385,114 @@ def test_gradcheck_fp64(device, backend, layout):
         assert torch.autograd.gradcheck(scan, [inputs[k].requires_grad_() for k in names], fast_mode=fast)
 
 
+# --- packed sequences ------------------------------------------------------------------
+
+# lengths crossing the 64-step checkpoint chunk, an empty sequence, a sequence of one step
+PACKED_LENGTHS = [1, 5, 64, 0, 70]
+# (B/C layout, per-sequence initial states); the interpreter runs the first two
+PACKED_CASES = [("grouped2", True), ("fixed", False), ("shared", False), ("fixed", True)]
+PACKED_PARAMS = [
+    pytest.param(*p.values, layout, initial, id=f"{p.id}-{layout}-{'initial' if initial else 'zeros'}", marks=p.marks)
+    for p in BACKENDS for layout, initial in PACKED_CASES
+    if p.values != ("cpu", "triton") or (layout, initial) in PACKED_CASES[:2]
+]
+
+
+def cumulative(lengths, device, dtype=torch.int64) -> torch.Tensor:
+    """cu_seqlens of sequences of `lengths`: [0, l0, l0 + l1, ...]."""
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=dtype, device=device)
+
+
+def packed_inputs(lengths, layout, dtype, device, initial=True, seed=0) -> dict:
+    """selective_scan's keyword arguments for sequences of `lengths` packed in one row, each with
+    its own initial state (or none)."""
+    inputs = make_inputs((1, 4, sum(lengths), 4, layout, OPTIONS), dtype, device, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    state = torch.randn((len(lengths), 4, 4), generator=gen, dtype=torch.float64)
+    inputs["initial_state"] = state.to(device, ops.state_dtype(dtype))
+    if not initial:
+        del inputs["initial_state"]
+    return dict(inputs, cu_seqlens=cumulative(lengths, device))
+
+
+def separately(backend):
+    """selective_scan over packed sequences, as one call per sequence (joined outputs, stacked
+    last states): the ground truth of cu_seqlens."""
+    def scan(u, delta, A, B, C, cu_seqlens, initial_state=None, **kwargs):
+        outs, lasts = [], []
+        bounds = cu_seqlens.tolist()
+        for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            h0 = None if initial_state is None else initial_state[i : i + 1]
+            if start == end:  # nothing to run: the last state is the initial state
+                lasts.append(u.new_zeros((1, *A.shape), dtype=ops.state_dtype(u.dtype)) if h0 is None else h0)
+                continue
+            time = [x[..., start:end] if x.dim() >= 3 else x for x in (u, delta, B, C)]
+            z = kwargs.get("z")
+            out, last = rnnkern.selective_scan(
+                time[0], time[1], A, time[2], time[3], **dict(kwargs, z=None if z is None else z[..., start:end]),
+                initial_state=h0, return_last_state=True, backend=backend)
+            outs.append(out)
+            lasts.append(last)
+        return torch.cat(outs, dim=2), torch.cat(lasts)
+
+    return scan
+
+
+@pytest.mark.parametrize("device,backend,layout,initial", PACKED_PARAMS)
+def test_packed_sequences_equal_separate_runs(device, backend, layout, initial):
+    """Outputs, every sequence's last state and the gradients of every input equal those of one
+    run per sequence (an empty one ends in its initial state, which gets d(last_state))."""
+    inputs = packed_inputs(PACKED_LENGTHS, layout, torch.float32, device, initial)
+    packed = run(backend, inputs)
+    assert packed["last_state"].shape == (len(PACKED_LENGTHS), 4, 4)
+    assert_all_close(packed, outputs_and_grads(separately("reference"), inputs), torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_packed_sequences_in_bf16(device, backend):
+    inputs = packed_inputs([3, 61, 9], "shared", torch.bfloat16, device)
+    assert_all_close(run(backend, inputs), outputs_and_grads(separately("reference"), inputs), torch.bfloat16)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_packed_checkpoints_are_the_stream_states_before_each_chunk(device, backend):
+    """The packed row's state before steps 0, 64, 128 (zeros before step 0); a sequence starts at
+    step 64 and restarts from its own initial state there."""
+    inputs = packed_inputs([6, 58, 0, 70], "shared", torch.float32, device)
+    args = [inputs.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    args[3:5] = [ops._variable(args[3]), ops._variable(args[4])]
+    rest = (inputs["delta_softplus"], inputs["initial_state"], inputs["cu_seqlens"], True)
+    _, _, checkpoints = SELECTIVE_SCAN.function(backend, "selective_scan_fwd")(*args, *rest)
+    _, ref_last, ref_checkpoints = ops.reference.selective_scan_fwd(*args, *rest)
+    assert torch.equal(ref_checkpoints[:, :, 0], torch.zeros_like(ref_checkpoints[:, :, 0]))
+    assert_close(ref_checkpoints[0, :, 1], ref_last[1], torch.float32, "state before step 64: the end of sequence 1")
+    assert_close(checkpoints, ref_checkpoints, torch.float32, "checkpoints")
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_packed_without_grad_and_last_state(device, backend, index_dtype):
+    inputs = packed_inputs([2, 9], "grouped2", torch.float32, device)
+    inputs["cu_seqlens"] = inputs["cu_seqlens"].to(index_dtype)
+    out = rnnkern.selective_scan(**inputs, backend=backend)
+    expected, _ = separately("reference")(**inputs)
+    assert_close(out, expected, torch.float32, "out")
+
+
+@pytest.mark.parametrize("device,backend", GRADCHECK_BACKENDS)
+def test_gradcheck_fp64_packed(device, backend):
+    short = packed_inputs([2, 0, 3], "grouped2", torch.float64, device)
+    long = packed_inputs([60, 7], "fixed", torch.float64, device)  # a chunk boundary inside a sequence
+    for inputs, fast in ((short, False), (long, True)):
+        names = [k for k in TENSOR_ARGS if k in inputs]
+
+        def scan(*tensors):
+            kwargs = dict(zip(names, tensors), delta_softplus=True, cu_seqlens=inputs["cu_seqlens"])
+            return rnnkern.selective_scan(**kwargs, return_last_state=True, backend=backend)
+
+        assert torch.autograd.gradcheck(scan, [inputs[k].requires_grad_() for k in names], fast_mode=fast)
+
+
 # --- one decoding step -----------------------------------------------------------------
 
 
@@ -701,6 +809,23 @@ def test_opcheck(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+def test_opcheck_packed(device, backend):
+    inputs = make_inputs((1, 6, 17, 4, "grouped3", OPTIONS), torch.float32, device)
+    u, delta, A, B, C, D, z, bias = (inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+    cu_seqlens = torch.tensor([0, 4, 4, 17], device=device)
+    h0 = torch.randn(3, 6, 4, device=device)
+    scan = torch.ops.rnnkern.selective_scan.default
+    torch.library.opcheck(scan, (u, delta, A, B, C, D, z, bias, True, h0, cu_seqlens, True, backend))
+    torch.library.opcheck(scan, (u, delta, A, B, C, None, None, None, False, None, cu_seqlens, True, backend))
+    _, _, checkpoints = scan(u, delta, A, B, C, D, z, bias, True, h0, cu_seqlens, True, backend)
+    torch.library.opcheck(
+        torch.ops.rnnkern.selective_scan_bwd.default,
+        (u, delta, A, B, C, D, z, bias, True, h0, cu_seqlens, checkpoints, torch.ones_like(u), torch.ones_like(h0),
+         backend),
+    )
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_compile_fullgraph_forward_and_backward(device, backend):
     inputs = make_inputs((2, 6, 21, 4, "shared", OPTIONS), torch.float32, device)
     names = [k for k in TENSOR_ARGS if k in inputs]
@@ -752,6 +877,7 @@ def test_default_backend_has_the_kernel():
 
 U = torch.randn(2, 5, 7)
 SCAN = dict(u=U, delta=torch.rand(2, 5, 7), A=-torch.rand(5, 3), B=torch.randn(2, 3, 7), C=torch.randn(2, 3, 7))
+PACKED = {name: SCAN[name][:1] for name in ("u", "delta", "B", "C")}  # batch 1, for cu_seqlens
 BAD_SCAN_INPUTS = {
     "u-not-a-tensor": (dict(u=[[1.0]]), TypeError, r"u must be a torch\.Tensor of shape \(B, D, L\), got list"),
     "u-2d": (dict(u=U[0]), ValueError, r"u must have shape \(B, D, L\), got shape \(5, 7\)"),
@@ -780,6 +906,14 @@ BAD_SCAN_INPUTS = {
     "initial-state-dtype": (dict(initial_state=torch.zeros(2, 5, 3, dtype=torch.float64)), TypeError, r"initial_state must be torch\.float32, got torch\.float64"),
     "softplus-not-bool": (dict(delta_softplus=1), TypeError, r"delta_softplus must be a bool, got int"),
     "unknown-backend": (dict(backend="cudnn"), ValueError, r"unknown backend 'cudnn'; expected one of"),
+    "cu-seqlens-batch": (dict(cu_seqlens=torch.tensor([0, 7])), ValueError, r"with cu_seqlens the batch size must be 1 .*got 2"),
+    "cu-seqlens-dtype": (dict(PACKED, cu_seqlens=torch.tensor([0.0, 7.0])), TypeError, r"cu_seqlens must be int32 or int64, got torch\.float32"),
+    "cu-seqlens-2d": (dict(PACKED, cu_seqlens=torch.tensor([[0, 7]])), ValueError, r"cu_seqlens must have shape \(N \+ 1,\)"),
+    "cu-seqlens-start": (dict(PACKED, cu_seqlens=torch.tensor([1, 7])), ValueError, r"cu_seqlens must start at 0 and end at L=7, got 1 \.\.\. 7"),
+    "cu-seqlens-end": (dict(PACKED, cu_seqlens=torch.tensor([0, 3, 6])), ValueError, r"cu_seqlens must start at 0 and end at L=7, got 0 \.\.\. 6"),
+    "cu-seqlens-decreasing": (dict(PACKED, cu_seqlens=torch.tensor([0, 5, 3, 7])), ValueError, r"cu_seqlens must be non-decreasing, got \[0, 5, 3, 7\]"),
+    "cu-seqlens-device": (dict(PACKED, cu_seqlens=torch.tensor([0, 7], device="meta")), ValueError, r"cu_seqlens must be on cpu, got meta"),
+    "cu-seqlens-initial-state": (dict(PACKED, cu_seqlens=torch.tensor([0, 3, 7]), initial_state=torch.zeros(1, 5, 3)), ValueError, r"initial_state must have shape \(2, 5, 3\), got \(1, 5, 3\)"),
 }
 
 

@@ -196,7 +196,7 @@ def _validate(x, weight, bias, activation, cu_seqlens) -> Optional[str]:
     _checks.sequence("x", x, "(B, D, L)", time_dim=2)
     _check_weights(x, weight, bias)
     if cu_seqlens is not None:
-        _checks.cu_seqlens(cu_seqlens, x, total=x.shape[2])
+        _checks.cu_seqlens(cu_seqlens, x, total=x.shape[2], time="L")
     return _activation(activation)
 
 

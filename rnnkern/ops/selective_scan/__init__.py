@@ -330,7 +330,7 @@ def _validate_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_l
         _checks.like("z", z, "u", u, "(B, D, L)")
     _checks.flag("delta_softplus", delta_softplus)
     _checks.flag("return_last_state", return_last_state)
-    sequences = batch if cu_seqlens is None else _checks.cu_seqlens(cu_seqlens, u, total=length)
+    sequences = batch if cu_seqlens is None else _checks.cu_seqlens(cu_seqlens, u, total=length, time="L")
     if initial_state is not None:
         _checks.state("initial_state", initial_state, u, (sequences, dims, n), state_dtype(u.dtype))
 
