@@ -70,3 +70,23 @@ def perturb_parameters(module: torch.nn.Module, seed: int, scale: float) -> None
         for parameter in module.parameters():
             noise = torch.randn(parameter.shape, generator=gen, dtype=torch.float64)
             parameter.add_((scale * noise).to(parameter))
+
+
+def backend_case_params(backends: list, cases: list, interpreted: list, case_id) -> list:
+    """(device, backend, case) params: every backend param of `backends` with every case, Triton's
+    interpreter (triton on CPU tensors) with the `interpreted` cases only; ids from `case_id`."""
+    params = []
+    for backend_param in backends:
+        device, backend = backend_param.values
+        slow = backend == "triton" and device == "cpu"
+        for case in cases:
+            if slow and case not in interpreted:
+                continue
+            params.append(pytest.param(device, backend, case, id=f"{backend_param.id}-{case_id(case)}",
+                                       marks=backend_param.marks))
+    return params
+
+
+def skip_unsupported(backend: str, dtype: torch.dtype) -> None:
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("triton backend: float64 is not supported")

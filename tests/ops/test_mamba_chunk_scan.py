@@ -11,7 +11,7 @@ import rnnkern
 from rnnkern.ops import mamba_chunk_scan as ops
 from rnnkern.ops.mamba_chunk_scan import MAMBA_CHUNK_SCAN
 from rnnkern.ops.mamba_chunk_scan import reference
-from tests.conftest import backend_params, ran_op
+from tests.conftest import backend_case_params, backend_params, ran_op, skip_unsupported
 from tests.tolerances import assert_all_close, assert_close
 
 DTYPE_IDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
@@ -66,20 +66,7 @@ def case_id(case) -> str:
 
 def with_cases(cases, interpreted=INTERPRETED, backends=BACKENDS) -> list:
     """(device, backend, case) params: every backend with `cases`, the interpreter with fewer."""
-    params = []
-    for backend_param in backends:
-        device, backend = backend_param.values
-        for case in cases:
-            if backend == "triton" and device == "cpu" and case not in interpreted:
-                continue
-            params.append(pytest.param(device, backend, case, id=f"{backend_param.id}-{case_id(case)}",
-                                       marks=backend_param.marks))
-    return params
-
-
-def skip_unsupported(backend, dtype):
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("triton backend: float64 is not supported")
+    return backend_case_params(backends, cases, interpreted, case_id)
 
 
 def sequence_index(batch: int, length: int, chunk: int, gen: torch.Generator) -> torch.Tensor:

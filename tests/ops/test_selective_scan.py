@@ -7,7 +7,7 @@ import rnnkern
 from rnnkern import _backends
 from rnnkern.ops import selective_scan as ops
 from rnnkern.ops.selective_scan import SELECTIVE_SCAN, SELECTIVE_STATE_UPDATE
-from tests.conftest import backend_params, ran_op
+from tests.conftest import backend_case_params, backend_params, ran_op, skip_unsupported
 from tests.tolerances import assert_close
 
 BACKENDS = backend_params(SELECTIVE_SCAN)
@@ -40,21 +40,7 @@ def dtype_id(dtype) -> str:
 
 def with_cases(cases, interpreted=INTERPRETED, backends=BACKENDS) -> list:
     """(device, backend, case) params: every backend with `cases`, the interpreter with fewer."""
-    params = []
-    for backend_param in backends:
-        device, backend = backend_param.values
-        slow = backend == "triton" and device == "cpu"
-        for case in cases:
-            if slow and case not in interpreted:
-                continue
-            params.append(pytest.param(device, backend, case, id=f"{backend_param.id}-{case_id(case)}",
-                                       marks=backend_param.marks))
-    return params
-
-
-def skip_unsupported(backend, dtype):
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("triton backend: float64 is not supported")
+    return backend_case_params(backends, cases, interpreted, case_id)
 
 
 def make_inputs(case, dtype, device, seed=0, bc_dtype=None) -> dict:
