@@ -98,7 +98,8 @@ def recurrence_case(kind, batch, steps, hidden, proj=0, reverse=False, packed=Fa
 
 
 def selective_scan_case(batch, channels, length, groups=1, mamba=True, training=True, initial=False,
-                        dtype=torch.float32, state=16, deterministic=False):
+                        dtype=torch.float32, state=16, deterministic=False, lengths=None):
+    """`lengths` packs sequences of those lengths along `length` (batch 1, one initial state each)."""
     gen = torch.Generator().manual_seed(2)
     u = _random(gen, batch, channels, length, dtype=dtype)
     low, high = (-3.0, -1.0) if mamba else (0.05, 0.3)  # delta' = softplus(delta) or delta, about 0.05-0.3
@@ -109,11 +110,13 @@ def selective_scan_case(batch, channels, length, groups=1, mamba=True, training=
     D = _random(gen, channels) if mamba else None
     z = _random(gen, batch, channels, length, dtype=dtype) if mamba else None
     delta_bias = _random(gen, channels, low=-1.0, high=0.0) if mamba else None
-    h0 = _random(gen, batch, channels, state) if initial else None
+    cu_seqlens = None if lengths is None else torch.tensor([0, *lengths]).cumsum(0)
+    h0 = _random(gen, batch if lengths is None else len(lengths), channels, state) if initial else None
 
     def run(backend, u, delta, A, B, C, D, z, delta_bias, h0):
         out, last = rnnkern.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=mamba,
-                                           initial_state=h0, return_last_state=True, backend=backend)
+                                           initial_state=h0, return_last_state=True, cu_seqlens=cu_seqlens,
+                                           backend=backend)
         return out, last
 
     previous = torch.are_deterministic_algorithms_enabled()
@@ -177,6 +180,39 @@ SELECTIVE_SCAN_CASES = {
                                                              deterministic=True),
     "selective_scan_deterministic_fixed": functools.partial(selective_scan_case, 2, 8, 70, groups=None,
                                                             deterministic=True),
+    # packed sequences (batch 1: 2 channels a program), from zeros and from initial states
+    **{f"selective_scan_packed{'_initial' if initial else ''}": functools.partial(
+        selective_scan_case, 1, 4, 70, dtype=torch.bfloat16, initial=initial, lengths=(5, 0, 64, 1))
+       for initial in (False, True)},
+}
+
+
+def state_update_case(heads, dim, state, per_head_A=True, slots=None):
+    """One fp32 decode step (multi-head; heads=1 is the single-head form's layout), triton vs
+    reference, with D, z, dt_bias and softplus; `slots` draws the rows' states from a pool."""
+    gen = torch.Generator().manual_seed(4)
+    batch = 2
+    pool = _random(gen, slots or batch, heads, dim, state)
+    x, dt, z = (_random(gen, batch, heads, dim) for _ in range(3))
+    A = (-_random(gen, heads, 1, 1, low=0.5, high=2.0)).expand(heads, dim, state) if per_head_A else \
+        -_random(gen, heads, dim, state, low=0.5, high=2.0)
+    B, C = _random(gen, batch, 1, state), _random(gen, batch, 1, state)
+    D, dt_bias = _random(gen, heads, dim), _random(gen, heads, dim, low=-1.0, high=0.0)
+    indices = None if slots is None else torch.tensor([slots - 1, 0])
+    results = []
+    for backend in ("triton", "reference"):
+        states = pool.clone()
+        y = rnnkern.selective_state_update(states, x, dt, A, B, C, D, z, dt_bias, True,
+                                           state_batch_indices=indices, backend=backend)
+        results.append((y, states))
+    for index, (actual, expected) in enumerate(zip(*results)):
+        assert_close(actual, expected, torch.float32, f"output {index}")
+
+
+STATE_UPDATE_CASES = {
+    "state_update_heads": functools.partial(state_update_case, 2, 8, 128),  # n 128: 8 head positions a program
+    "state_update_heads_pool": functools.partial(state_update_case, 2, 8, 128, slots=3),
+    "state_update_channels": functools.partial(state_update_case, 1, 64, 16, per_head_A=False),  # A (D, N)
 }
 
 def mamba_chunk_scan_case(batch=1, length=70, heads=9, groups=1, dtype=torch.float32, tf32=False, packed=False,
@@ -219,7 +255,8 @@ MAMBA_CHUNK_SCAN_CASES = {
                                                         deterministic=True),
 }
 
-SMALL_CASES = {**LINEAR_SCAN_CASES, **RECURRENCE_CASES, **SELECTIVE_SCAN_CASES, **MAMBA_CHUNK_SCAN_CASES}
+SMALL_CASES = {**LINEAR_SCAN_CASES, **RECURRENCE_CASES, **SELECTIVE_SCAN_CASES, **STATE_UPDATE_CASES,
+               **MAMBA_CHUNK_SCAN_CASES}
 
 
 # --- the check -----------------------------------------------------------------------------
