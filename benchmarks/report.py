@@ -1,4 +1,5 @@
 """Output of a benchmark run: progress lines, environment metadata, the table, results.json."""
+import functools
 import importlib.metadata
 import json
 import os
@@ -13,6 +14,7 @@ import torch
 
 import rnnkern
 from benchmarks import memory, timing
+from benchmarks.suites import ort_peer
 
 SCHEMA_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +39,7 @@ def environment(settings: timing.Settings) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": _package_version("triton"),
+        "onnxruntime": _package_version("onnxruntime"),
         "rnnkern": rnnkern.__version__,
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain")),
@@ -46,6 +49,7 @@ def environment(settings: timing.Settings) -> dict[str, Any]:
         "timing_method": timing.METHOD[device],
         "memory_method": memory.METHOD[device],
         "gbps_method": GBPS_METHOD,
+        "onnxruntime_method": ort_peer.METHOD,
     }
 
 
@@ -98,7 +102,7 @@ TIMING_COLUMNS: Columns = [
     ("min ms", lambda r: f"{r['ms_min']:.4g}"),
     ("IQR ms", lambda r: f"{r['ms_q3'] - r['ms_q1']:.2g}"),
 ]
-PEAK_MEMORY_COLUMN = ("peak MiB", lambda r: f"{r['peak_mem_bytes'] / 2**20:.1f}")
+PEAK_MEMORY_COLUMN = ("peak MiB", lambda r: "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}")
 
 
 # The backends with kernels of their own, per device: what the kernel suites time.
@@ -122,9 +126,16 @@ def drop_refused(contenders: dict, refusal: Callable[[str], Optional[str]],
     return skipped
 
 
-def speedup_columns(header: str, key: str) -> Columns:
-    """The timing columns, a ratio column `header` from record[key], and peak memory."""
-    return [*TIMING_COLUMNS, (header, lambda r: f"{r[key]:.2f}"), PEAK_MEMORY_COLUMN]
+def speedup_columns(header: str, key: str, *optional: tuple[str, str]) -> Columns:
+    """The timing columns, a ratio column `header` from record[key], one more per (header, key)
+    of `optional` ("-" where a record has no such key), and peak memory."""
+    ratios = [(header, lambda r: f"{r[key]:.2f}")]
+    ratios += [(more_header, functools.partial(_optional_ratio, more_key)) for more_header, more_key in optional]
+    return [*TIMING_COLUMNS, *ratios, PEAK_MEMORY_COLUMN]
+
+
+def _optional_ratio(key: str, record: dict[str, Any]) -> str:
+    return f"{record[key]:.2f}" if key in record else "-"
 
 
 def table(records: list[dict[str, Any]], columns: Columns, legend: str) -> str:

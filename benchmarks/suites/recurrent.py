@@ -11,6 +11,11 @@ Peer, on a GPU when installed: FlashRNN's fused kernel (``flashrnn.flashrnn.flas
 forward only, timed with the input projection (one F.linear) as the modules are. It gets
 torch.nn's weights reshaped to its (gates, heads, D, D) layout without reordering gates, so
 its outputs are not compared: the record is a timing of the same sizes, nothing more.
+
+Peer, on a CPU when installed: ONNX Runtime running torch.nn's module exported to ONNX, on the
+forward and the step (it has no backward); outputs checked against torch.nn's at creation,
+spinning disabled (ort_peer.py says how and why). The "vs ORT" column is its median / each
+contender's median.
 """
 import functools
 from dataclasses import dataclass
@@ -22,11 +27,13 @@ import rnnkern
 import rnnkern.nn
 from benchmarks import memory, report
 from benchmarks.report import progress, speedup_columns
+from benchmarks.suites import ort_peer
 from benchmarks.timing import Settings, measure_together
 
 SECTION = "kernels"
-COLUMNS = speedup_columns("vs torch.nn", "speedup_vs_torch")
-LEGEND = "vs torch.nn: torch.nn's median / this median (above 1: rnnkern is faster)"
+COLUMNS = speedup_columns("vs torch.nn", "speedup_vs_torch", ("vs ORT", "speedup_vs_ort"))
+LEGEND = ("vs torch.nn, vs ORT: torch.nn's, ONNX Runtime's median / this median (above 1: rnnkern is faster);\n"
+          "onnxruntime's peak MiB is not measured (it allocates outside torch's allocator)")
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,11 @@ def run_suite(kind: str, settings: Settings) -> list[dict[str, Any]]:
             skipped.append({**_identity(kind, "flashrnn", case), "skipped": peer})
         elif peer is not None:
             contenders["flashrnn"] = peer
+        peer = onnxruntime_peer(kind, baseline, case)
+        if isinstance(peer, str):
+            skipped.append({**_identity(kind, "onnxruntime", case), "skipped": peer})
+        elif peer is not None:
+            contenders["onnxruntime"] = peer
         records += _measure(kind, contenders, case, settings) + skipped
     return records
 
@@ -113,6 +125,22 @@ class FlashRNNPeer(torch.nn.Module):
         )
 
 
+def onnxruntime_peer(kind: str, reference: torch.nn.Module, case: Case):
+    """ORT running `reference` exported; None where it does not apply (not on a CPU, or forward +
+    backward: ORT has no backward); a string saying why where onnxruntime is not installed or its
+    outputs differ from torch.nn's."""
+    if case.device.type != "cpu" or case.direction == "fwd+bwd":
+        return None
+    gen = torch.Generator(device=case.device).manual_seed(2)
+    options = {"generator": gen, "dtype": case.dtype, "device": case.device}
+    x = torch.randn((case.batch, case.steps, case.hidden), **options)
+    state = None
+    if case.direction == "step":  # random, not zeros, so a miswired state input shows
+        h, c = (torch.randn((1, case.batch, case.hidden), **options) for _ in range(2))
+        state = (h, c) if kind == "lstm" else h
+    return ort_peer.create(reference, x, state)
+
+
 def torch_module(kind: str, case: Case) -> torch.nn.Module:
     torch.manual_seed(0)
     cls = torch.nn.LSTM if kind == "lstm" else torch.nn.GRU
@@ -142,30 +170,35 @@ def refusal(kind: str, backend: str, case: Case) -> Optional[str]:
 GATES = {"lstm": 4, "gru": 3}
 
 
-def _measure(kind: str, modules: dict[str, torch.nn.Module], case: Case, settings: Settings) -> list[dict[str, Any]]:
+def _measure(kind: str, modules: dict[str, Any], case: Case, settings: Settings) -> list[dict[str, Any]]:
     """Records of `modules` (torch.nn's first) timed together, each with its ratio to torch.nn."""
     progress(f"{kind} {case.direction} B{case.batch}-T{case.steps}-H{case.hidden}-{report.dtype_name(case.dtype)}: "
              + ", ".join(modules))
     runs = [timed_call(kind, module, case) for module in modules.values()]
     timings = measure_together(runs, settings)
     baseline_ms = timings[0].median_ms
+    ort_ms = dict(zip(modules, timings))["onnxruntime"].median_ms if "onnxruntime" in modules else None
     return [{**_identity(kind, name, case), **timing.as_record(), "speedup_vs_torch": baseline_ms / timing.median_ms,
-             "peak_mem_bytes": memory.peak_bytes(run, case.device)}
+             **({} if ort_ms is None else {"speedup_vs_ort": ort_ms / timing.median_ms}),
+             "peak_mem_bytes": None if name == "onnxruntime" else memory.peak_bytes(run, case.device)}
             for name, run, timing in zip(modules, runs, timings)]
 
 
-def timed_call(kind: str, module: torch.nn.Module, case: Case) -> Callable[[], Any]:
+def timed_call(kind: str, module, case: Case) -> Callable[[], Any]:
     """The timed call of `case.direction`, with its inputs built here, outside the timer."""
     gen = torch.Generator(device=case.device).manual_seed(1)
     options = {"dtype": case.dtype, "device": case.device}
     x = torch.randn((case.batch, case.steps, case.hidden), generator=gen, **options)
-    if case.direction == "fwd":
-        return functools.partial(_no_grad_call, module, x, None)
+    if case.direction == "fwd+bwd":
+        grad = torch.randn((case.batch, case.steps, case.hidden), generator=gen, **options)
+        return functools.partial(_forward_backward, module, x.requires_grad_(), grad)
+    state = None
     if case.direction == "step":
-        state = torch.zeros((1, case.batch, case.hidden), **options)
-        return functools.partial(_no_grad_call, module, x, (state, state) if kind == "lstm" else state)
-    grad = torch.randn((case.batch, case.steps, case.hidden), generator=gen, **options)
-    return functools.partial(_forward_backward, module, x.requires_grad_(), grad)
+        h = torch.zeros((1, case.batch, case.hidden), **options)
+        state = (h, h) if kind == "lstm" else h
+    if isinstance(module, ort_peer.OnnxRuntimePeer):
+        return module.timed_call(x, state)
+    return functools.partial(_no_grad_call, module, x, state)
 
 
 def _no_grad_call(module, x, state):
