@@ -1,4 +1,4 @@
-"""ONNX export of rnnkern.nn's LSTM and GRU: standard ONNX nodes in place of rnnkern's ops.
+"""ONNX export of rnnkern.nn's LSTM, GRU and Mamba: standard ONNX nodes in place of rnnkern's ops.
 
 ``torch.onnx.export(model, args, dynamo=True)`` traces a model with torch.export, so each
 rnnkern op would reach the exporter as a custom op (``rnnkern::lstm_layer``) it cannot
@@ -8,6 +8,8 @@ directions in one node, made with ``torch.onnx.ops.symbolic_multi_out``, which O
 Runtime runs as a fused kernel. ONNX's LSTM has no projection, so a layer with
 ``proj_size`` becomes a ``torch.scan`` of the cell's plain torch ops, which the exporter
 writes as an ONNX ``Scan`` (any sequence length, no unrolling).
+
+Mamba's causal convolution becomes an ONNX Conv and its selective scan an ONNX Scan.
 
 Weights are reordered for ONNX at export time (plain torch ops on the parameters, folded
 into the graph): LSTM gates from torch's (i, f, g, o) to ONNX's (i, o, f, c), GRU gates
@@ -129,3 +131,37 @@ def _projected_lstm_step(carry: tuple[Tensor, Tensor], gx_t: Tensor, w_hh: Tenso
     c = f.sigmoid() * c + i.sigmoid() * g.tanh()
     h = torch.bmm(o.sigmoid() * c.tanh(), w_hr)  # (D, B, P)
     return (h, c), h.clone()  # scan's output may not alias its carry
+
+
+def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Mamba's depthwise causal convolution with SiLU, as ONNX Pad, Conv and Sigmoid/Mul:
+    x ``(B, E, L)``, weight ``(E, W)``, bias ``(E,)`` -> ``(B, E, L)``."""
+    channels, width = weight.shape
+    padded = torch.nn.functional.pad(x, (width - 1, 0))  # (B, E, L + W - 1)
+    return torch.nn.functional.silu(torch.nn.functional.conv1d(padded, weight[:, None], bias, groups=channels))
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
+                   delta_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Mamba's selective scan (with softplus, D and the z gate, no initial state) as one ONNX
+    Scan over time; the recurrence of :func:`rnnkern.selective_scan`. Static shapes only: with
+    dynamic_shapes, torch 2.13's exporter fails decomposing this scan ("'SymInt' object has no
+    attribute 'unsqueeze'"), which the LSTM's scan does not.
+
+    u, delta, z ``(Bt, E, L)``; A ``(E, N)``; B, C ``(Bt, N, L)``; D, delta_bias ``(E,)``.
+    Returns out ``(Bt, E, L)`` and the last state ``(Bt, E, N)``.
+    """
+    dt = torch.nn.functional.softplus(delta + delta_bias[:, None])  # (Bt, E, L)
+    steps = [t.permute(2, 0, 1) for t in (dt, dt * u, B, C)]  # (L, Bt, E), (L, Bt, E), (L, Bt, N), (L, Bt, N)
+    state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (Bt, E, N)
+    last, y = _scan(lambda state, step: _selective_scan_step(state, step, A), state, steps)  # y (L, Bt, E)
+    y = y.permute(1, 2, 0) + D[:, None] * u
+    return y * torch.nn.functional.silu(z), last
+
+
+def _selective_scan_step(state: Tensor, step: list, A: Tensor) -> tuple[Tensor, Tensor]:
+    """x_t = exp(dt_t A) x_{t-1} + dt_t u_t B_t, y_t = sum_n C_t x_t: state (Bt, E, N), step
+    (dt_t, dt_t u_t (Bt, E), B_t, C_t (Bt, N)) -> (x_t, y_t (Bt, E))."""
+    dt, dtu, B, C = step
+    state = torch.exp(dt[..., None] * A) * state + dtu[..., None] * B[:, None]
+    return state, (state * C[:, None]).sum(-1)

@@ -117,3 +117,17 @@ def test_torch_export_matches_eager(name):
     with torch.no_grad():
         for actual, expected in zip(_pytree.tree_leaves(program.module()(x)), _pytree.tree_leaves(model(x))):
             assert_close(actual, expected, torch.float32, name)
+
+
+def test_mamba_onnx_runtime_matches_eager():
+    """Mamba exports with static shapes: its causal conv as an ONNX Conv, its scan as a Scan."""
+    pytest.importorskip("onnxscript", reason="ONNX export with dynamo=True needs onnxscript")
+    ort = pytest.importorskip("onnxruntime", reason="running the exported model needs onnxruntime")
+    torch.manual_seed(0)
+    model, x = rnnkern.nn.Mamba(d_model=SIZE, d_state=4).eval(), torch.randn(BATCH, STEPS, SIZE)
+    program = torch.onnx.export(model, (x,), dynamo=True)
+    assert {"Conv", "Scan"} <= {node.op_type for node in program.model.graph}
+    session = ort.InferenceSession(program.model_proto.SerializeToString())
+    (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert_close(torch.from_numpy(actual), model(x), torch.float32, "out")
