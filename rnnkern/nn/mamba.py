@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnkern.nn import _checks
+from rnnkern.nn import _checks, _onnx
 from rnnkern.nn._ssm import inverse_softplus_time_steps, last_columns, state_shape, wide, wide_dtype
 from rnnkern.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from rnnkern.ops.selective_scan import selective_scan, selective_state_update
@@ -149,6 +149,13 @@ class Mamba(nn.Module):
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
         x, z = xz.chunk(2, dim=1)  # (B, E, L) each
         conv_state = last_columns(x, self.d_conv) if return_states else None  # (B, E, d_conv)
+        if _onnx.exporting():  # standard ONNX ops in place of rnnkern's (see _onnx)
+            x = _onnx.causal_conv1d_silu(x, self._conv_weight(), self.conv1d.bias)  # (B, E, L)
+            dt, B, C = self._project(x.transpose(1, 2))  # (B, L, E), (B, L, N), (B, L, N)
+            y, ssm_state = _onnx.selective_scan(
+                x, dt.transpose(1, 2), self._A(), B.transpose(1, 2), C.transpose(1, 2), wide(self.D), z,
+                wide(self.dt_proj.bias))
+            return self.out_proj(y.transpose(1, 2)), conv_state, ssm_state if return_states else None
         x = causal_conv1d(x, self._conv_weight(), self.conv1d.bias, "silu", backend=self.backend)
         dt, B, C = self._project(x.transpose(1, 2))  # (B, L, E), (B, L, N), (B, L, N)
         y, ssm_state = selective_scan(

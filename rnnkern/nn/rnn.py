@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from rnnkern.nn import _checks, _packed
+from rnnkern.nn import _checks, _onnx, _packed
 from rnnkern.nn._params import PARAMETER_NAMES, reset_uniform
 from rnnkern.ops._sequences import streaming_step
 from rnnkern.ops.gru import GRU_STEP, gru_layer
@@ -32,8 +32,9 @@ class _Recurrent(nn.Module):
 
     Subclasses set ``_gates`` (gate blocks per hidden unit), ``_state_names`` (the tensors of
     hx, as errors name them) and ``_step_op`` (the registry entry of the layer op's one-token
-    kernel), and implement ``_layer`` (one functional layer call), ``_state_tensors`` (hx to a tuple of
-    tensors), ``_state_sizes`` and ``_hidden_output`` (final states to the returned hx).
+    kernel), and implement ``_layer`` (one functional layer call), ``_onnx_layer`` (one layer, every
+    direction, as ONNX export writes it), ``_state_tensors`` (hx to a tuple of tensors),
+    ``_state_sizes`` and ``_hidden_output`` (final states to the returned hx).
     """
 
     _gates: int
@@ -220,6 +221,8 @@ class _Recurrent(nn.Module):
 
     def _run(self, x: Tensor, states: Optional[States], lengths: Optional[Tensor]) -> tuple[Tensor, States]:
         """x (B, T, I) through every layer -> y (B, T, D * out) and final states (L * D, B, size)."""
+        if lengths is None and _onnx.exporting():
+            return self._run_onnx(x, states)
         finals = []
         for layer in range(self.num_layers):
             if layer > 0 and self.training and self.dropout > 0:
@@ -235,6 +238,19 @@ class _Recurrent(nn.Module):
         if len(finals) == 1:  # one layer, one direction: a view instead of a copy
             return x, tuple(state.unsqueeze(0) for state in finals[0])
         return x, tuple(torch.stack(parts) for parts in zip(*finals))
+
+    def _run_onnx(self, x: Tensor, states: Optional[States]) -> tuple[Tensor, States]:
+        """_run as torch.onnx.export traces it: one standard ONNX node per layer (see _onnx)."""
+        directions, finals = self.num_directions, []
+        for layer in range(self.num_layers):
+            if layer > 0 and self.training and self.dropout > 0:
+                x = F.dropout(x, self.dropout, training=True)
+            rows = slice(layer * directions, (layer + 1) * directions)
+            layer_states = None if states is None else tuple(s[rows] for s in states)  # (D, B, size) each
+            weights = [self._weights(index) for index in range(rows.start, rows.stop)]
+            x, layer_finals = self._onnx_layer(x, layer_states, weights)
+            finals.append(layer_finals)
+        return x, tuple(torch.cat(parts) for parts in zip(*finals))
 
     def _weights(self, index: int) -> dict[str, Tensor]:
         return {argument: getattr(self, name) for argument, name in self._weight_names[index].items()}
@@ -273,6 +289,9 @@ class LSTM(_Recurrent):
     def _layer(self, x, state, weights, lengths, reverse):
         y, (h, c) = lstm_layer(x, state, **weights, lengths=lengths, reverse=reverse, backend=self.backend)
         return y, (h, c)
+
+    def _onnx_layer(self, x, states, weights):
+        return _onnx.lstm_layer(x, states, weights)
 
     def _state_tensors(self, hx) -> States:
         return _checks.state_pair(type(self).__name__, hx)
@@ -335,6 +354,10 @@ class GRU(_Recurrent):
         h0 = None if state is None else state[0]
         y, h = gru_layer(x, h0, **weights, lengths=lengths, reverse=reverse, backend=self.backend)
         return y, (h,)
+
+    def _onnx_layer(self, x, states, weights):
+        y, h_n = _onnx.gru_layer(x, None if states is None else states[0], weights)
+        return y, (h_n,)
 
     def _state_tensors(self, hx) -> States:
         return (hx,)
