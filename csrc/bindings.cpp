@@ -56,6 +56,10 @@ TORCH_LIBRARY(rnnkern_C, m) {
   m.def(
       "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
       "Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices) -> Tensor");
+  m.def("mamba_block_step(Tensor u, Tensor(a!) conv_state, Tensor(b!) ssm_state, Tensor?[] parameters) -> Tensor");
+  m.def(
+      "mamba2_block_step(Tensor u, Tensor(a!) conv_state, Tensor(b!) ssm_state, Tensor?[] parameters, "
+      "int norm_group_size, bool norm_before_gate, float norm_eps, float dt_min, float dt_max) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rnnkern_C, CPU, m) {
@@ -75,4 +79,6 @@ TORCH_LIBRARY_IMPL(rnnkern_C, CPU, m) {
   m.impl("panel_matmul", &rnnkern::panel_matmul_cpu);
   m.impl("causal_conv1d_update", &rnnkern::causal_conv1d_update_cpu);
   m.impl("selective_state_update", &rnnkern::selective_state_update_cpu);
+  m.impl("mamba_block_step", &rnnkern::mamba_block_step_cpu);
+  m.impl("mamba2_block_step", &rnnkern::mamba2_block_step_cpu);
 }

@@ -1,6 +1,7 @@
 // Host entry points of every compiled kernel, registered as torch ops in bindings.cpp.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
@@ -109,5 +110,15 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, co
                                       const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                                       const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
                                       const std::optional<at::Tensor>& state_batch_indices);
+
+// Whole-block decode steps of Mamba and Mamba-2 for fp32/fp64, no autograd: u (..., d_model)
+// and the parameters as the modules hold them (see rnnkern/ops/mamba_block_step/reference.py);
+// the states are updated in place, the block's output (..., d_model) returned.
+at::Tensor mamba_block_step_cpu(const at::Tensor& u, at::Tensor& conv_state, at::Tensor& ssm_state,
+                                const c10::List<std::optional<at::Tensor>>& parameters);
+
+at::Tensor mamba2_block_step_cpu(const at::Tensor& u, at::Tensor& conv_state, at::Tensor& ssm_state,
+                                 const c10::List<std::optional<at::Tensor>>& parameters, int64_t norm_group_size,
+                                 bool norm_before_gate, double norm_eps, double dt_min, double dt_max);
 
 }  // namespace rnnkern

@@ -172,7 +172,12 @@ def selects_cpu(op: Op, requested: Optional[str], dtype: torch.dtype) -> bool:
     """Whether select(op, cpu, dtype, requested) is "cpu", for the per-token calls that cannot
     afford select: an environment read and a cache lookup. (With nothing forced the cpu backend
     comes first on CPU tensors.)"""
-    return (_requested(requested) or "cpu") == "cpu" and op.refusal("cpu", _CPU, dtype) is None
+    return (_requested(requested) or "cpu") == "cpu" and _cpu_runs(op, dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _cpu_runs(op: Op, dtype: torch.dtype) -> bool:
+    return op.refusal("cpu", _CPU, dtype) is None
 
 
 # The answer depends only on its arguments (TRITON_INTERPRET among them, through

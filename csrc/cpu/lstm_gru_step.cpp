@@ -17,6 +17,7 @@
 
 #include "../math/cells.h"
 #include "../ops.h"
+#include "gemv.h"
 #include "tensor_args.h"
 #include "vectorized.h"
 
@@ -25,71 +26,6 @@ namespace {
 
 // Units per thread below which splitting further costs more than it saves.
 constexpr int64_t kMinUnitsPerThread = 64;
-
-// out (B, n) with row stride ldo = bias[rows] + v (B, k) @ W[rows]^T for the rows [row0,
-// row0 + n) of a weight W (., k), or without the bias when it is null: dot products, four
-// weight rows at a time (four independent sums hide the FMA latency), each block of rows
-// used for every batch row while it sits in L1. (BLAS is not reachable from an extension
-// without a tensor per call, which costs more than the product at these sizes.)
-template <typename T>
-RNNKERN_VECTORIZED void project_rows(const T* __restrict w, int64_t k, int64_t row0, int64_t n,
-                                     const T* __restrict bias, const T* __restrict v, int64_t batch,
-                                     T* __restrict out, int64_t ldo) {
-  constexpr int64_t kRows = 4;
-  int64_t i = 0;
-  for (; i + kRows <= n; i += kRows) {
-    const T* __restrict w0 = w + (row0 + i) * k;
-    const T *__restrict w1 = w0 + k, *__restrict w2 = w1 + k, *__restrict w3 = w2 + k;
-    int64_t b = 0;
-    for (; b + 2 <= batch; b += 2) {  // two batch rows per pass: 6 loads per 8 FMAs
-      const T *__restrict v0 = v + b * k, *__restrict v1 = v0 + k;
-      T s00 = 0, s01 = 0, s10 = 0, s11 = 0, s20 = 0, s21 = 0, s30 = 0, s31 = 0;
-#pragma omp simd reduction(+ : s00, s01, s10, s11, s20, s21, s30, s31)
-      for (int64_t kk = 0; kk < k; ++kk) {
-        s00 += w0[kk] * v0[kk];
-        s01 += w0[kk] * v1[kk];
-        s10 += w1[kk] * v0[kk];
-        s11 += w1[kk] * v1[kk];
-        s20 += w2[kk] * v0[kk];
-        s21 += w2[kk] * v1[kk];
-        s30 += w3[kk] * v0[kk];
-        s31 += w3[kk] * v1[kk];
-      }
-      T* __restrict o0 = out + b * ldo + i;
-      T* __restrict o1 = o0 + ldo;
-      o0[0] = s00, o0[1] = s10, o0[2] = s20, o0[3] = s30;
-      o1[0] = s01, o1[1] = s11, o1[2] = s21, o1[3] = s31;
-    }
-    for (; b < batch; ++b) {
-      const T* __restrict v_row = v + b * k;
-      T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t kk = 0; kk < k; ++kk) {
-        s0 += w0[kk] * v_row[kk];
-        s1 += w1[kk] * v_row[kk];
-        s2 += w2[kk] * v_row[kk];
-        s3 += w3[kk] * v_row[kk];
-      }
-      T* __restrict o = out + b * ldo + i;
-      o[0] = s0, o[1] = s1, o[2] = s2, o[3] = s3;
-    }
-  }
-  for (; i < n; ++i) {
-    const T* __restrict w_row = w + (row0 + i) * k;
-    for (int64_t b = 0; b < batch; ++b) {
-      const T* __restrict v_row = v + b * k;
-      T sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t kk = 0; kk < k; ++kk) sum += w_row[kk] * v_row[kk];
-      out[b * ldo + i] = sum;
-    }
-  }
-  if (bias) {
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t j = 0; j < n; ++j) out[b * ldo + j] += bias[row0 + j];
-    }
-  }
-}
 
 // Rows of a (..., D) tensor: the product of its leading dimensions.
 int64_t leading_rows(const at::Tensor& t) { return c10::multiply_integers(t.sizes().slice(0, t.dim() - 1)); }
@@ -125,8 +61,8 @@ struct GateProjections {
     const int64_t n = j1 - j0, width = gates * hidden;
     for (int64_t q = 0; q < gates; ++q) {
       const int64_t row0 = q * hidden + j0;
-      project_rows(w_ih, input, row0, n, b_ih, x, batch, gi + row0, width);
-      project_rows(w_hh, hidden, row0, n, b_hh, h, batch, gh + row0, width);
+      cpu::project_rows(w_ih, input, row0, n, b_ih, x, input, batch, gi + row0, width);
+      cpu::project_rows(w_hh, hidden, row0, n, b_hh, h, hidden, batch, gh + row0, width);
     }
   }
 };

@@ -13,6 +13,7 @@
 
 #include "../math/activations.h"
 #include "../ops.h"
+#include "gemv.h"
 #include "tensor_args.h"
 #include "vectorized.h"
 
@@ -49,6 +50,17 @@ RNNKERN_VECTORIZED T update_state_uniform(T* __restrict h, T decay, const T* __r
   return sum;
 }
 
+// One step of a depthwise causal convolution: `window` (the last W inputs, newest last)
+// shifted by one to take x; returns bias + weights . window.
+template <typename T>
+T conv_step(T* __restrict window, T x, const T* __restrict weights, T bias, int64_t width) {
+  std::copy(window + 1, window + width, window);
+  window[width - 1] = x;
+  T sum = bias;
+  for (int64_t k = 0; k < width; ++k) sum += weights[k] * window[k];
+  return sum;
+}
+
 void check_input(const char* op, const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2, op, ": x must have shape (B, D), got ", x.sizes());
   cpu::check_float_or_double(op, "x", x);
@@ -58,6 +70,210 @@ void check_state(const char* op, const char* name, const at::Tensor& state, at::
                  at::ScalarType dtype) {
   cpu::check_tensor(op, name, state, shape, dtype);
   TORCH_CHECK(state.is_contiguous(), op, ": ", name, " must be contiguous (it is updated in place)");
+}
+
+// ---------------------------------------------------------------------------------------
+// Whole-block decode steps: one call per block and token. At one token the block is four
+// (Mamba) or two (Mamba-2) matrix-vector products around a few thousand pointwise operations,
+// so the step runs at the speed its weights stream from cache or memory once the op dispatches
+// and temporaries of the op-by-op form are gone. Each phase below is a parallel loop over
+// independent rows (weight rows, channels or heads); a phase reads the whole output of the one
+// before, so they are separate loops.
+
+// Rows of a (..., D) tensor: the product of its leading dimensions.
+int64_t leading_rows(const at::Tensor& t) { return c10::multiply_integers(t.sizes().slice(0, t.dim() - 1)); }
+
+// Parallel grains: weight rows of d_model-long dot products, and channels of the pointwise work.
+constexpr int64_t kRowsPerTask = 32;
+constexpr int64_t kChannelsPerTask = 128;
+
+// A depthwise conv weight as (C, W): torch.nn.Conv1d's (C, 1, W) or the (C, W) of the ops.
+at::Tensor conv_taps(const char* op, const at::Tensor& weight, int64_t channels, at::ScalarType dtype) {
+  TORCH_CHECK((weight.dim() == 2 || (weight.dim() == 3 && weight.size(1) == 1)) && weight.size(0) == channels &&
+                  weight.size(-1) > 0,
+              op, ": conv_weight must have shape (", channels, ", 1, W) or (", channels, ", W), got ", weight.sizes());
+  cpu::check_dtype(op, "conv_weight", weight, dtype);
+  return weight.reshape({channels, weight.size(-1)}).contiguous();
+}
+
+// Pointwise passes over a row of channels, vectorised (the activations are branch-free).
+template <typename T>
+RNNKERN_VECTORIZED void silu_in_place(T* __restrict v, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) v[i] = math::silu(v[i]);
+}
+
+template <typename T>
+RNNKERN_VECTORIZED void softplus_in_place(T* __restrict v, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) v[i] = math::softplus(v[i]);
+}
+
+// y *= silu(z)
+template <typename T>
+RNNKERN_VECTORIZED void multiply_silu(T* __restrict y, const T* __restrict z, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] *= math::silu(z[i]);
+}
+
+// y = y / sqrt(mean(y^2) + eps) * weight
+template <typename T>
+RNNKERN_VECTORIZED void rms_normalise(T* __restrict y, const T* __restrict weight, T eps, int64_t n) {
+  T squares = 0;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t i = 0; i < n; ++i) squares += y[i] * y[i];
+  const T scale = T(1) / std::sqrt(squares / T(n) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] *= scale * weight[i];
+}
+
+// Mamba (selective SSM) block, per row b: E channels, N states, R time-step ranks.
+template <typename T>
+struct MambaBlockStep {
+  int64_t batch, d_model, E, W, R, N;
+  const T *u, *w_in, *b_in, *w_conv, *b_conv, *w_x, *w_dt, *b_dt, *A, *D, *w_out, *b_out;
+  T *conv_state, *ssm_state;  // (B, E, W), (B, E, N), updated in place
+  T *x, *z, *xdbl, *y, *out;  // (B, E), (B, E), (B, R + 2N), (B, E); out (B, d_model)
+
+  int64_t xdbl_width() const { return R + 2 * N; }
+
+  // channels [e0, e1): x and z rows of in_proj, then the conv step and silu on x
+  void project_and_convolve(int64_t e0, int64_t e1) const {
+    cpu::project_rows(w_in, d_model, e0, e1 - e0, b_in, u, d_model, batch, x + e0, E);
+    cpu::project_rows(w_in, d_model, E + e0, e1 - e0, b_in, u, d_model, batch, z + e0, E);
+    for (int64_t b = 0; b < batch; ++b) {
+      T* x_row = x + b * E;
+      for (int64_t e = e0; e < e1; ++e) {
+        x_row[e] = conv_step(conv_state + (b * E + e) * W, x_row[e], w_conv + e * W, b_conv ? b_conv[e] : T(0), W);
+      }
+      silu_in_place(x_row + e0, e1 - e0);
+    }
+  }
+
+  // rows [r0, r1) of x_proj: (dt, B, C) before dt_proj
+  void project_x(int64_t r0, int64_t r1) const {
+    cpu::project_rows(w_x, E, r0, r1 - r0, nullptr, x, E, batch, xdbl + r0, xdbl_width());
+  }
+
+  // channels [e0, e1): dt_proj and softplus, the state update, the D skip and the z gate
+  void update(int64_t e0, int64_t e1) const {
+    const int64_t width = xdbl_width();
+    cpu::project_rows(w_dt, R, e0, e1 - e0, b_dt, xdbl, width, batch, y + e0, E);  // y holds dt until overwritten
+    for (int64_t b = 0; b < batch; ++b) {
+      const T *B_row = xdbl + b * width + R, *C_row = B_row + N;
+      softplus_in_place(y + b * E + e0, e1 - e0);
+      silu_in_place(z + b * E + e0, e1 - e0);  // z holds the gate from here
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t i = b * E + e;
+        const T step = y[i];
+        const T sum = update_state(ssm_state + i * N, A + e * N, B_row, C_row, step, step * x[i], N);
+        y[i] = (sum + D[e] * x[i]) * z[i];
+      }
+    }
+  }
+
+  // rows [r0, r1) of out_proj
+  void project_out(int64_t r0, int64_t r1) const {
+    cpu::project_rows(w_out, E, r0, r1 - r0, b_out, y, E, batch, out + r0, d_model);
+  }
+
+  void operator()() const {
+    at::parallel_for(0, E, kChannelsPerTask, [&](int64_t a, int64_t b) { project_and_convolve(a, b); });
+    at::parallel_for(0, xdbl_width(), kRowsPerTask, [&](int64_t a, int64_t b) { project_x(a, b); });
+    at::parallel_for(0, E, kChannelsPerTask, [&](int64_t a, int64_t b) { update(a, b); });
+    at::parallel_for(0, d_model, kRowsPerTask, [&](int64_t a, int64_t b) { project_out(a, b); });
+  }
+};
+
+// Mamba-2 (SSD) block, per row b: H heads of P channels (E = H P), G groups of N states;
+// in_proj's rows are [z (E), x (E), B (G N), C (G N), dt (H)], the conv runs over x, B, C.
+template <typename T>
+struct Mamba2BlockStep {
+  int64_t batch, d_model, H, P, G, N, W, norm_group;  // norm_group: channels per norm group, 0 without the norm
+  const T *u, *w_in, *b_in, *w_conv, *b_conv, *dt_bias, *A, *D, *norm_w, *w_out, *b_out;
+  bool D_per_channel, norm_before_gate;
+  T norm_eps, dt_min, dt_max;
+  T *conv_state, *ssm_state;  // (B, E + 2GN, W), (B, H, P, N), updated in place
+  T *zxbcdt, *y, *out;        // (B, in_width), (B, E); out (B, d_model)
+
+  int64_t E() const { return H * P; }
+  int64_t conv_width() const { return E() + 2 * G * N; }
+  int64_t in_width() const { return 2 * E() + 2 * G * N + H; }
+
+  void project_in(int64_t r0, int64_t r1) const {
+    cpu::project_rows(w_in, d_model, r0, r1 - r0, b_in, u, d_model, batch, zxbcdt + r0, in_width());
+  }
+
+  // conv channels [c0, c1) of x, B, C: the conv step and silu, in place in zxbcdt
+  void convolve(int64_t c0, int64_t c1) const {
+    const int64_t channels = conv_width();
+    for (int64_t b = 0; b < batch; ++b) {
+      T* xbc = zxbcdt + b * in_width() + E();
+      for (int64_t c = c0; c < c1; ++c) {
+        xbc[c] = conv_step(conv_state + (b * channels + c) * W, xbc[c], w_conv + c * W, b_conv ? b_conv[c] : T(0), W);
+      }
+      silu_in_place(xbc + c0, c1 - c0);
+    }
+  }
+
+  // pairs [q0, q1) of (row b, head h): the time step, the state update, D, and the z gate
+  // unless the norm applies it
+  void update(int64_t q0, int64_t q1) const {
+    const int64_t heads_per_group = H / G;
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t b = q / H, h = q % H, g = h / heads_per_group;
+      const T* row = zxbcdt + b * in_width();
+      const T *z = row + h * P, *x = row + E() + h * P, *Bg = row + 2 * E() + g * N, *Cg = Bg + G * N;
+      const T step = std::min(std::max(math::softplus(row[in_width() - H + h] + dt_bias[h]), dt_min), dt_max);
+      const T decay = math::exp(step * A[h]);
+      T* y_head = y + b * E() + h * P;
+      for (int64_t p = 0; p < P; ++p) {
+        const T sum = update_state_uniform(ssm_state + (q * P + p) * N, decay, Bg, Cg, step * x[p], N);
+        y_head[p] = sum + (D_per_channel ? D[h * P + p] : D[h]) * x[p];
+      }
+      if (!norm_group) multiply_silu(y_head, z, P);
+    }
+  }
+
+  // the gated RMSNorm of y, row by row and group by group
+  void normalise() const {
+    for (int64_t b = 0; b < batch; ++b) {
+      const T* z = zxbcdt + b * in_width();
+      T* y_row = y + b * E();
+      for (int64_t c = 0; c < E(); c += norm_group) {
+        if (!norm_before_gate) multiply_silu(y_row + c, z + c, norm_group);
+        rms_normalise(y_row + c, norm_w + c, norm_eps, norm_group);
+        if (norm_before_gate) multiply_silu(y_row + c, z + c, norm_group);
+      }
+    }
+  }
+
+  void project_out(int64_t r0, int64_t r1) const {
+    cpu::project_rows(w_out, E(), r0, r1 - r0, b_out, y, E(), batch, out + r0, d_model);
+  }
+
+  void operator()() const {
+    at::parallel_for(0, in_width(), kRowsPerTask, [&](int64_t a, int64_t b) { project_in(a, b); });
+    at::parallel_for(0, conv_width(), 4 * kChannelsPerTask, [&](int64_t a, int64_t b) { convolve(a, b); });
+    at::parallel_for(0, batch * H, std::max<int64_t>(1, kChannelsPerTask / P), [&](int64_t a, int64_t b) { update(a, b); });
+    if (norm_group) normalise();
+    at::parallel_for(0, d_model, kRowsPerTask, [&](int64_t a, int64_t b) { project_out(a, b); });
+  }
+};
+
+// Checks of a block step's tensors common to both blocks: u (..., d_model) and out_proj.
+void check_block_input(const char* op, const at::Tensor& u, const at::Tensor& in_proj_weight, int64_t in_rows,
+                       const std::optional<at::Tensor>& in_proj_bias) {
+  TORCH_CHECK(u.dim() >= 1, op, ": u must have shape (..., d_model), got ", u.sizes());
+  cpu::check_float_or_double(op, "u", u);
+  cpu::check_tensor(op, "in_proj_weight", in_proj_weight, {in_rows, u.size(-1)}, u.scalar_type());
+  cpu::check_optional(op, "in_proj_bias", in_proj_bias, {in_rows}, u.scalar_type());
+}
+
+void check_out_proj(const char* op, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t d_model,
+                    int64_t channels, at::ScalarType dtype) {
+  cpu::check_tensor(op, "out_proj_weight", weight, {d_model, channels}, dtype);
+  cpu::check_optional(op, "out_proj_bias", bias, {d_model}, dtype);
 }
 
 }  // namespace
@@ -88,11 +304,7 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x_in, at::Tensor& conv_sta
     at::parallel_for(0, batch * dims, kPairsPerTask, [&](int64_t first, int64_t last) {
       for (int64_t pair = first; pair < last; ++pair) {
         const int64_t d = pair % dims;
-        scalar_t* window = states + pair * width;  // the last W inputs, newest last
-        std::copy(window + 1, window + width, window);
-        window[width - 1] = xs[pair];
-        scalar_t sum = b ? b[d] : scalar_t(0);
-        for (int64_t k = 0; k < width; ++k) sum += w[d * width + k] * window[k];
+        const scalar_t sum = conv_step(states + pair * width, xs[pair], w + d * width, b ? b[d] : scalar_t(0), width);
         y[pair] = silu_activation ? math::silu(sum) : sum;
       }
     });
@@ -170,6 +382,159 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x_in,
     });
   });
   return out;
+}
+
+namespace {
+
+at::Tensor mamba_block_step(const at::Tensor& u_in, at::Tensor& conv_state, at::Tensor& ssm_state,
+                            const at::Tensor& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
+                            const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+                            const at::Tensor& x_proj_weight, const at::Tensor& dt_proj_weight,
+                            const at::Tensor& dt_proj_bias, const at::Tensor& A, const at::Tensor& D,
+                            const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias) {
+  const char* op = "mamba_block_step";
+  TORCH_CHECK(in_proj_weight.dim() == 2 && in_proj_weight.size(0) % 2 == 0, op,
+              ": in_proj_weight must have shape (2E, d_model), got ", in_proj_weight.sizes());
+  const int64_t E = in_proj_weight.size(0) / 2;
+  check_block_input(op, u_in, in_proj_weight, 2 * E, in_proj_bias);
+  const auto dtype = u_in.scalar_type();
+  const int64_t batch = leading_rows(u_in), d_model = u_in.size(-1);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == E, op, ": A must have shape (", E, ", N), got ", A.sizes());
+  const int64_t N = A.size(1);
+  TORCH_CHECK(dt_proj_weight.dim() == 2 && dt_proj_weight.size(0) == E, op, ": dt_proj_weight must have shape (", E,
+              ", R), got ", dt_proj_weight.sizes());
+  const int64_t R = dt_proj_weight.size(1);
+  const at::Tensor taps = conv_taps(op, conv_weight, E, dtype);
+  const int64_t W = taps.size(1);
+  cpu::check_optional(op, "conv_bias", conv_bias, {E}, dtype);
+  cpu::check_tensor(op, "x_proj_weight", x_proj_weight, {R + 2 * N, E}, dtype);
+  cpu::check_dtype(op, "dt_proj_weight", dt_proj_weight, dtype);
+  cpu::check_tensor(op, "dt_proj_bias", dt_proj_bias, {E}, dtype);
+  cpu::check_dtype(op, "A", A, dtype);
+  cpu::check_tensor(op, "D", D, {E}, dtype);
+  check_out_proj(op, out_proj_weight, out_proj_bias, d_model, E, dtype);
+  check_state(op, "conv_state", conv_state, {batch, E, W}, dtype);
+  check_state(op, "ssm_state", ssm_state, {batch, E, N}, dtype);
+  const at::Tensor u = u_in.contiguous(), w_in = in_proj_weight.contiguous(), w_x = x_proj_weight.contiguous();
+  const at::Tensor w_dt = dt_proj_weight.contiguous(), b_dt = dt_proj_bias.contiguous(), a = A.contiguous();
+  const at::Tensor d = D.contiguous(), w_out = out_proj_weight.contiguous();
+  const at::Tensor b_in = cpu::contiguous_or_undefined(in_proj_bias), b_conv = cpu::contiguous_or_undefined(conv_bias);
+  const at::Tensor b_out = cpu::contiguous_or_undefined(out_proj_bias);
+  at::Tensor scratch = at::empty({batch, 3 * E + R + 2 * N}, u.options());
+  at::Tensor out = at::empty(cpu::with_last_dim(u_in, d_model), u.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "mamba_block_step_cpu", [&] {
+    scalar_t* work = scratch.data_ptr<scalar_t>();
+    const MambaBlockStep<scalar_t> step{
+        batch, d_model, E, W, R, N,
+        u.data_ptr<scalar_t>(), w_in.data_ptr<scalar_t>(), cpu::data_or_null<scalar_t>(b_in),
+        taps.data_ptr<scalar_t>(), cpu::data_or_null<scalar_t>(b_conv), w_x.data_ptr<scalar_t>(),
+        w_dt.data_ptr<scalar_t>(), b_dt.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(),
+        w_out.data_ptr<scalar_t>(), cpu::data_or_null<scalar_t>(b_out),
+        conv_state.data_ptr<scalar_t>(), ssm_state.data_ptr<scalar_t>(),
+        work, work + batch * E, work + 2 * batch * E, work + batch * (2 * E + R + 2 * N), out.data_ptr<scalar_t>()};
+    step();
+  });
+  return out;
+}
+
+at::Tensor mamba2_block_step(const at::Tensor& u_in, at::Tensor& conv_state, at::Tensor& ssm_state,
+                             const at::Tensor& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
+                             const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+                             const at::Tensor& dt_bias, const at::Tensor& A, const at::Tensor& D,
+                             const std::optional<at::Tensor>& norm_weight, double norm_eps,
+                             int64_t norm_group_size, bool norm_before_gate, double dt_min, double dt_max,
+                             const at::Tensor& out_proj_weight, const std::optional<at::Tensor>& out_proj_bias) {
+  const char* op = "mamba2_block_step";
+  TORCH_CHECK(ssm_state.dim() == 4, op, ": ssm_state must have shape (B, H, P, N), got ", ssm_state.sizes());
+  const int64_t H = ssm_state.size(1), P = ssm_state.size(2), N = ssm_state.size(3), E = H * P;
+  TORCH_CHECK(conv_state.dim() == 3 && conv_state.size(1) > E && (conv_state.size(1) - E) % (2 * N) == 0 &&
+                  H % ((conv_state.size(1) - E) / (2 * N)) == 0,
+              op, ": conv_state must have shape (B, E + 2 G N, W) with E = ", E, ", N = ", N,
+              " and G dividing H = ", H, ", got ", conv_state.sizes());
+  const int64_t G = (conv_state.size(1) - E) / (2 * N), channels = E + 2 * G * N, in_rows = 2 * E + 2 * G * N + H;
+  check_block_input(op, u_in, in_proj_weight, in_rows, in_proj_bias);
+  const auto dtype = u_in.scalar_type();
+  const int64_t batch = leading_rows(u_in), d_model = u_in.size(-1);
+  const at::Tensor taps = conv_taps(op, conv_weight, channels, dtype);
+  const int64_t W = taps.size(1);
+  cpu::check_optional(op, "conv_bias", conv_bias, {channels}, dtype);
+  cpu::check_tensor(op, "dt_bias", dt_bias, {H}, dtype);
+  cpu::check_tensor(op, "A", A, {H}, dtype);
+  TORCH_CHECK(D.dim() == 1 && (D.size(0) == H || D.size(0) == E), op, ": D must have shape (", H, ",) or (", E,
+              ",), got ", D.sizes());
+  cpu::check_dtype(op, "D", D, dtype);
+  cpu::check_optional(op, "norm_weight", norm_weight, {E}, dtype);
+  TORCH_CHECK(!norm_weight.has_value() || (norm_group_size > 0 && E % norm_group_size == 0), op,
+              ": norm_group_size must divide E = ", E, ", got ", norm_group_size);
+  TORCH_CHECK(dt_min <= dt_max, op, ": dt_min must not exceed dt_max, got ", dt_min, " and ", dt_max);
+  check_out_proj(op, out_proj_weight, out_proj_bias, d_model, E, dtype);
+  check_state(op, "conv_state", conv_state, {batch, channels, W}, dtype);
+  check_state(op, "ssm_state", ssm_state, {batch, H, P, N}, dtype);
+  const at::Tensor u = u_in.contiguous(), w_in = in_proj_weight.contiguous(), bias_dt = dt_bias.contiguous();
+  const at::Tensor a = A.contiguous(), d = D.contiguous(), w_out = out_proj_weight.contiguous();
+  const at::Tensor b_in = cpu::contiguous_or_undefined(in_proj_bias), b_conv = cpu::contiguous_or_undefined(conv_bias);
+  const at::Tensor w_norm = cpu::contiguous_or_undefined(norm_weight), b_out = cpu::contiguous_or_undefined(out_proj_bias);
+  at::Tensor scratch = at::empty({batch, in_rows + E}, u.options());
+  at::Tensor out = at::empty(cpu::with_last_dim(u_in, d_model), u.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "mamba2_block_step_cpu", [&] {
+    scalar_t* work = scratch.data_ptr<scalar_t>();
+    const Mamba2BlockStep<scalar_t> step{
+        batch, d_model, H, P, G, N, W, norm_weight.has_value() ? norm_group_size : 0,
+        u.data_ptr<scalar_t>(), w_in.data_ptr<scalar_t>(), cpu::data_or_null<scalar_t>(b_in),
+        taps.data_ptr<scalar_t>(), cpu::data_or_null<scalar_t>(b_conv), bias_dt.data_ptr<scalar_t>(),
+        a.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), cpu::data_or_null<scalar_t>(w_norm),
+        w_out.data_ptr<scalar_t>(), cpu::data_or_null<scalar_t>(b_out),
+        D.size(0) == E && E != H, norm_before_gate,
+        static_cast<scalar_t>(norm_eps), static_cast<scalar_t>(dt_min), static_cast<scalar_t>(dt_max),
+        conv_state.data_ptr<scalar_t>(), ssm_state.data_ptr<scalar_t>(),
+        work, work + batch * in_rows, out.data_ptr<scalar_t>()};
+    step();
+  });
+  return out;
+}
+
+// The parameters arrive as one list, in the order below (one list argument costs the
+// dispatcher about what one tensor argument does; a decode step cannot afford twelve).
+at::Tensor required(const c10::List<std::optional<at::Tensor>>& parameters, size_t index, const char* op,
+                    const char* name) {
+  std::optional<at::Tensor> parameter = parameters.get(index);
+  TORCH_CHECK(parameter.has_value(), op, ": parameter ", index, " (", name, ") is required, got None");
+  return *std::move(parameter);
+}
+
+void check_count(const c10::List<std::optional<at::Tensor>>& parameters, size_t count, const char* op) {
+  TORCH_CHECK(parameters.size() == count, op, ": expected ", count, " parameters, got ", parameters.size());
+}
+
+}  // namespace
+
+at::Tensor mamba_block_step_cpu(const at::Tensor& u, at::Tensor& conv_state, at::Tensor& ssm_state,
+                                const c10::List<std::optional<at::Tensor>>& parameters) {
+  // in_proj.weight, in_proj.bias, conv1d.weight, conv1d.bias, x_proj.weight, dt_proj.weight,
+  // dt_proj.bias, A (= -exp(A_log)), D, out_proj.weight, out_proj.bias
+  const char* op = "mamba_block_step";
+  check_count(parameters, 11, op);
+  return mamba_block_step(u, conv_state, ssm_state, required(parameters, 0, op, "in_proj_weight"), parameters.get(1),
+                          required(parameters, 2, op, "conv_weight"), parameters.get(3),
+                          required(parameters, 4, op, "x_proj_weight"), required(parameters, 5, op, "dt_proj_weight"),
+                          required(parameters, 6, op, "dt_proj_bias"), required(parameters, 7, op, "A"),
+                          required(parameters, 8, op, "D"), required(parameters, 9, op, "out_proj_weight"),
+                          parameters.get(10));
+}
+
+at::Tensor mamba2_block_step_cpu(const at::Tensor& u, at::Tensor& conv_state, at::Tensor& ssm_state,
+                                 const c10::List<std::optional<at::Tensor>>& parameters, int64_t norm_group_size,
+                                 bool norm_before_gate, double norm_eps, double dt_min, double dt_max) {
+  // in_proj.weight, in_proj.bias, conv1d.weight, conv1d.bias, dt_bias, A (= -exp(A_log)), D,
+  // norm.weight (None without the norm), out_proj.weight, out_proj.bias
+  const char* op = "mamba2_block_step";
+  check_count(parameters, 10, op);
+  return mamba2_block_step(u, conv_state, ssm_state, required(parameters, 0, op, "in_proj_weight"), parameters.get(1),
+                           required(parameters, 2, op, "conv_weight"), parameters.get(3),
+                           required(parameters, 4, op, "dt_bias"), required(parameters, 5, op, "A"),
+                           required(parameters, 6, op, "D"), parameters.get(7), norm_eps, norm_group_size,
+                           norm_before_gate, dt_min, dt_max, required(parameters, 8, op, "out_proj_weight"),
+                           parameters.get(9));
 }
 
 }  // namespace rnnkern

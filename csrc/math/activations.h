@@ -106,9 +106,35 @@ RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE T silu(T x) {
 // torch.nn.functional.softplus (and mamba_ssm).
 constexpr double kSoftplusThreshold = 20.0;
 
-template <typename T>
-RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE T softplus(T x) {
-  return x > T(kSoftplusThreshold) ? x : std::log1p(std::exp(x));
+// log(1 + t) for float t in [0, 1], branch-free: u = 1 + t rounded, reduced to m in
+// [sqrt(1/2), sqrt(2)) with log m = 2 atanh((m - 1) / (m + 1)) as an odd series (to s^11,
+// |s| <= 0.172), then scaled by t / (u - 1) (exact: u - 1 is), which undoes the rounding of
+// 1 + t for small t.
+RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE float log1p_unit(float t) {
+  constexpr float kSqrt2 = 1.41421356f, kLn2 = 0.693147181f;
+  const float u = 1.0f + t;
+  const bool halve = u > kSqrt2;
+  const float m = select(halve, 0.5f * u, u);
+  const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
+  float p = 1.0f / 11;
+  p = p * s2 + 1.0f / 9;
+  p = p * s2 + 1.0f / 7;
+  p = p * s2 + 1.0f / 5;
+  p = p * s2 + 1.0f / 3;
+  p = p * s2 + 1.0f;
+  const float log_u = 2.0f * s * p + select(halve, kLn2, 0.0f);
+  const float rounded = u - 1.0f;
+  return select(rounded == 0.0f, t, log_u * (t / select(rounded == 0.0f, 1.0f, rounded)));
+}
+
+// softplus for float as max(x, 0) + log1p(e^{-|x|}), branch-free (so loops over it vectorise);
+// the C library's log1p(exp(x)) for double.
+RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE float softplus(float x) {
+  const float smooth = select(x > 0.0f, x, 0.0f) + log1p_unit(exp_clamped(-std::fabs(x)));
+  return select(x > static_cast<float>(kSoftplusThreshold), x, smooth);
+}
+RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE double softplus(double x) {
+  return x > kSoftplusThreshold ? x : std::log1p(std::exp(x));
 }
 
 // d softplus(x) / dx: sigmoid(x) (the C library's exp), 1 above the threshold (and for NaN).

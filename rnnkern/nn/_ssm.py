@@ -1,10 +1,14 @@
 """Helpers shared by the state-space blocks (Mamba, Mamba2): time-step initialisation,
-decoding-state shapes and dtypes."""
+decoding-state shapes and dtypes, the fused decode step's parameters."""
 import math
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.module import register_module_module_registration_hook, register_module_parameter_registration_hook
+
+from rnnkern import _backends
 
 
 def inverse_softplus_time_steps(count: int, dt_min: float, dt_max: float, floor: float, device, dtype) -> Tensor:
@@ -36,3 +40,57 @@ def state_shape(owner: str, name: str, state, shape: tuple) -> None:
         raise TypeError(f"{owner}: {name} must be a torch.Tensor of shape {shape}, got {type(state).__name__}")
     if tuple(state.shape) != shape:
         raise ValueError(f"{owner}: {name} must have shape {shape}, got {tuple(state.shape)}")
+
+
+# Parameters and submodules registered on any module of this process, counted so that a cache
+# of a module's parameter objects can tell when one may have been replaced.
+_registrations = 0
+
+
+def _count_registration(*_) -> None:
+    global _registrations
+    _registrations += 1
+
+
+register_module_parameter_registration_hook(_count_registration)
+register_module_module_registration_hook(_count_registration)
+
+
+class StepParameters:
+    """The parameter list of a block's fused decode step, kept from token to token.
+
+    ``get(A_log, build)`` returns the list ``build()`` made (the block's parameters as
+    registered, with the derived A = -exp(A_log)), made again when a parameter or submodule
+    has been registered anywhere since (setattr, a parametrization, ``load_state_dict(assign=True)``)
+    or A_log has changed in place (its version counter: ``load_state_dict``, an optimizer
+    step) or moved (its storage: ``module.to``, ``.data =``). Writes through ``p.data``, which
+    autograd does not see either, are not seen.
+    """
+
+    def __init__(self) -> None:
+        self._key: Optional[tuple] = None
+        self._parameters: Optional[list] = None
+
+    def get(self, A_log: Tensor, build: Callable[[], Optional[list]]) -> Optional[list]:
+        key = (_registrations, A_log._version, A_log.data_ptr())
+        if key != self._key:
+            self._key, self._parameters = key, build()
+        return self._parameters
+
+
+def takes_fused_step(op, backend: Optional[str], u: Tensor, conv_state: Tensor, ssm_state: Tensor,
+                     state_sizes: tuple, weight: Tensor, d_model: int) -> bool:
+    """Whether a block's step on u runs its fused kernel: one token (B, 1, d_model) on CPU, the
+    states of the shapes (B, *sizes) that ``state_sizes`` gives for each, all in the weights'
+    dtype, the cpu backend chosen and running that dtype, eagerly (torch.compile and export
+    trace the op-by-op form, whose ops they know). Anything else takes the op-by-op form, which
+    raises the errors of bad input."""
+    dtype = weight.dtype
+    if not (isinstance(u, Tensor) and isinstance(conv_state, Tensor) and isinstance(ssm_state, Tensor)
+            and u.dim() == 3 and u.shape[1] == 1 and u.shape[2] == d_model and u.is_cpu and u.dtype == dtype
+            and conv_state.dtype == dtype and ssm_state.dtype == dtype):
+        return False
+    batch = u.shape[0]
+    conv_sizes, ssm_sizes = state_sizes
+    return (conv_state.shape == (batch, *conv_sizes) and ssm_state.shape == (batch, *ssm_sizes)
+            and not torch.compiler.is_compiling() and _backends.selects_cpu(op, backend, dtype))

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkern.nn import _checks, _onnx
-from rnnkern.nn._ssm import inverse_softplus_time_steps, last_columns, state_shape, wide, wide_dtype
+from rnnkern.nn._ssm import (StepParameters, inverse_softplus_time_steps, last_columns, state_shape,
+                             takes_fused_step, wide, wide_dtype)
 from rnnkern.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
+from rnnkern.ops.mamba_block_step import MAMBA_BLOCK_STEP
 from rnnkern.ops.selective_scan import selective_scan, selective_state_update
 
 __all__ = ["Mamba"]
@@ -107,6 +109,7 @@ class Mamba(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner, **wide_factory))
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self._step_parameters = StepParameters()
 
     @torch.no_grad()
     def _init_dt_proj(self, dt_init: str, dt_scale: float, dt_min: float, dt_max: float, floor: float) -> None:
@@ -185,7 +188,18 @@ class Mamba(nn.Module):
         newest last; ``ssm_state`` ``(B, E, d_state)`` the scan's state (see
         :meth:`allocate_inference_cache`). For inference: run it under ``torch.no_grad()``
         (the one-step ops have no backward).
+
+        On the cpu backend (fp32/fp64) the step is one C++ call for the whole block
+        (:func:`rnnkern.ops.mamba_block_step.mamba_block_step`), with A = -exp(A_log) kept
+        between tokens until a parameter changes; elsewhere it runs the one-step ops.
         """
+        sizes = ((self.d_inner, self.d_conv), (self.d_inner, self.d_state))
+        if takes_fused_step(MAMBA_BLOCK_STEP, self.backend, hidden_states, conv_state, ssm_state, sizes,
+                            self.in_proj.weight, self.d_model):
+            parameters = self._fused_step_parameters()
+            if parameters is not None:
+                step = MAMBA_BLOCK_STEP.function("cpu", "mamba_block_step")
+                return step(hidden_states, conv_state, ssm_state, parameters), conv_state, ssm_state
         _checks.input_tensor(
             "Mamba", hidden_states, (3,), "(B, 1, d_model)", self.d_model, self.in_proj.weight, "d_model"
         )
@@ -205,6 +219,21 @@ class Mamba(nn.Module):
 
     def _conv_weight(self) -> Tensor:
         return self.conv1d.weight.squeeze(1)  # (E, 1, d_conv) -> (E, d_conv)
+
+    def _fused_step_parameters(self) -> Optional[list]:
+        """The parameters in reference.mamba_block_step's order (A derived), cached; None
+        where a weight is not a registered parameter (a parametrization, say)."""
+        return self._step_parameters.get(self.A_log, self._collect_step_parameters)
+
+    def _collect_step_parameters(self) -> Optional[list]:
+        in_proj, conv1d, x_proj = self.in_proj._parameters, self.conv1d._parameters, self.x_proj._parameters
+        dt_proj, out_proj = self.dt_proj._parameters, self.out_proj._parameters
+        parameters = [in_proj.get("weight"), in_proj.get("bias"), conv1d.get("weight"), conv1d.get("bias"),
+                      x_proj.get("weight"), dt_proj.get("weight"), dt_proj.get("bias"),
+                      -torch.exp(self.A_log.detach()), self._parameters.get("D"), out_proj.get("weight"),
+                      out_proj.get("bias")]
+        required = (0, 2, 4, 5, 6, 8, 9)
+        return None if any(parameters[i] is None for i in required) else parameters
 
     def _A(self) -> Tensor:
         return -torch.exp(wide(self.A_log))  # (E, N), negative: a decaying state

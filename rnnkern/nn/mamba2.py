@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkern.nn import _checks
-from rnnkern.nn._ssm import inverse_softplus_time_steps, last_columns, state_shape, wide, wide_dtype
+from rnnkern.nn._ssm import (StepParameters, inverse_softplus_time_steps, last_columns, state_shape,
+                             takes_fused_step, wide, wide_dtype)
 from rnnkern.nn.norm import RMSNormGated
 from rnnkern.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
+from rnnkern.ops.mamba_block_step import MAMBA2_BLOCK_STEP
 from rnnkern.ops.mamba_chunk_scan import mamba_chunk_scan
 from rnnkern.ops.selective_scan import selective_state_update
 
@@ -121,6 +123,7 @@ class Mamba2(nn.Module):
             self.norm = RMSNormGated(self.d_inner, eps=1e-5, norm_before_gate=norm_before_gate,
                                      group_size=self.d_inner // ngroups, **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self._step_parameters = StepParameters()
 
     def extra_repr(self) -> str:
         text = (f"d_model={self.d_model}, d_state={self.d_state}, d_conv={self.d_conv}, expand={self.expand}, "
@@ -191,7 +194,20 @@ class Mamba2(nn.Module):
 
         The states are :meth:`allocate_inference_cache`'s (or :meth:`prefill`'s). For inference:
         run it under ``torch.no_grad()`` (the one-step ops have no backward).
+
+        On the cpu backend (fp32/fp64) the step is one C++ call for the whole block
+        (:func:`rnnkern.ops.mamba_block_step.mamba2_block_step`), with A = -exp(A_log) kept
+        between tokens until a parameter changes; elsewhere it runs the one-step ops.
         """
+        sizes = ((self.conv_dim, self.d_conv), (self.nheads, self.headdim, self.d_state))
+        if takes_fused_step(MAMBA2_BLOCK_STEP, self.backend, u, conv_state, ssm_state, sizes, self.in_proj.weight,
+                            self.d_model):
+            parameters = self._step_parameters.get(self.A_log, self._collect_step_parameters)
+            if parameters is not None:
+                step = MAMBA2_BLOCK_STEP.function("cpu", "mamba2_block_step")
+                y = step(u, conv_state, ssm_state, parameters, self.d_inner // self.ngroups, self.norm_before_gate,
+                         self.norm.eps if self.rmsnorm else 0.0, *self.dt_limit)
+                return y, conv_state, ssm_state
         _checks.input_tensor("Mamba2", u, (3,), "(B, 1, d_model)", self.d_model, self.in_proj.weight, "d_model")
         batch = u.shape[0]
         if u.shape[1] != 1:
@@ -218,6 +234,18 @@ class Mamba2(nn.Module):
 
     def _conv_weight(self) -> Tensor:
         return self.conv1d.weight.squeeze(1)  # (E + 2GN, 1, d_conv) -> (E + 2GN, d_conv)
+
+    def _collect_step_parameters(self) -> Optional[list]:
+        """The parameters in reference.mamba2_block_step's order (A derived); None where a
+        weight is not a registered parameter (a parametrization, say)."""
+        in_proj, conv1d, out_proj = self.in_proj._parameters, self.conv1d._parameters, self.out_proj._parameters
+        own = self._parameters
+        norm = self.norm._parameters.get("weight") if self.rmsnorm else None
+        parameters = [in_proj.get("weight"), in_proj.get("bias"), conv1d.get("weight"), conv1d.get("bias"),
+                      own.get("dt_bias"), -torch.exp(self.A_log.detach()), own.get("D"), norm,
+                      out_proj.get("weight"), out_proj.get("bias")]
+        required = (0, 2, 4, 6, 8) + ((7,) if self.rmsnorm else ())
+        return None if any(parameters[i] is None for i in required) else parameters
 
     def _A(self) -> Tensor:
         return -torch.exp(wide(self.A_log))  # (H,), negative: a decaying state
