@@ -87,13 +87,14 @@ int64_t leading_rows(const at::Tensor& t) { return c10::multiply_integers(t.size
 constexpr int64_t kRowsPerTask = 32;
 constexpr int64_t kChannelsPerTask = 128;
 
-// A depthwise conv weight as (C, W): torch.nn.Conv1d's (C, 1, W) or the (C, W) of the ops.
+// A depthwise conv weight, torch.nn.Conv1d's (C, 1, W) or the ops' (C, W), contiguous: its data
+// is (C, W) row-major either way.
 at::Tensor conv_taps(const char* op, const at::Tensor& weight, int64_t channels, at::ScalarType dtype) {
   TORCH_CHECK((weight.dim() == 2 || (weight.dim() == 3 && weight.size(1) == 1)) && weight.size(0) == channels &&
                   weight.size(-1) > 0,
               op, ": conv_weight must have shape (", channels, ", 1, W) or (", channels, ", W), got ", weight.sizes());
   cpu::check_dtype(op, "conv_weight", weight, dtype);
-  return weight.reshape({channels, weight.size(-1)}).contiguous();
+  return weight.contiguous();
 }
 
 // Pointwise passes over a row of channels, vectorised (the activations are branch-free).
@@ -405,7 +406,7 @@ at::Tensor mamba_block_step(const at::Tensor& u_in, at::Tensor& conv_state, at::
               ", R), got ", dt_proj_weight.sizes());
   const int64_t R = dt_proj_weight.size(1);
   const at::Tensor taps = conv_taps(op, conv_weight, E, dtype);
-  const int64_t W = taps.size(1);
+  const int64_t W = taps.size(-1);
   cpu::check_optional(op, "conv_bias", conv_bias, {E}, dtype);
   cpu::check_tensor(op, "x_proj_weight", x_proj_weight, {R + 2 * N, E}, dtype);
   cpu::check_dtype(op, "dt_proj_weight", dt_proj_weight, dtype);
@@ -456,7 +457,7 @@ at::Tensor mamba2_block_step(const at::Tensor& u_in, at::Tensor& conv_state, at:
   const auto dtype = u_in.scalar_type();
   const int64_t batch = leading_rows(u_in), d_model = u_in.size(-1);
   const at::Tensor taps = conv_taps(op, conv_weight, channels, dtype);
-  const int64_t W = taps.size(1);
+  const int64_t W = taps.size(-1);
   cpu::check_optional(op, "conv_bias", conv_bias, {channels}, dtype);
   cpu::check_tensor(op, "dt_bias", dt_bias, {H}, dtype);
   cpu::check_tensor(op, "A", A, {H}, dtype);

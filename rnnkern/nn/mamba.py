@@ -16,7 +16,7 @@ from rnnkern.nn import _checks, _onnx
 from rnnkern.nn._ssm import (StepParameters, inverse_softplus_time_steps, last_columns, state_shape,
                              takes_fused_step, wide, wide_dtype)
 from rnnkern.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
-from rnnkern.ops.mamba_block_step import MAMBA_BLOCK_STEP
+from rnnkern.ops.mamba_block_step import MAMBA_BLOCK_STEP, mamba_block_step_kernel
 from rnnkern.ops.selective_scan import selective_scan, selective_state_update
 
 __all__ = ["Mamba"]
@@ -198,8 +198,7 @@ class Mamba(nn.Module):
                             self.in_proj.weight, self.d_model):
             parameters = self._fused_step_parameters()
             if parameters is not None:
-                step = MAMBA_BLOCK_STEP.function("cpu", "mamba_block_step")
-                return step(hidden_states, conv_state, ssm_state, parameters), conv_state, ssm_state
+                return mamba_block_step_kernel()(hidden_states, conv_state, ssm_state, parameters), conv_state, ssm_state
         _checks.input_tensor(
             "Mamba", hidden_states, (3,), "(B, 1, d_model)", self.d_model, self.in_proj.weight, "d_model"
         )

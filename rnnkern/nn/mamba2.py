@@ -19,7 +19,7 @@ from rnnkern.nn._ssm import (StepParameters, inverse_softplus_time_steps, last_c
                              takes_fused_step, wide, wide_dtype)
 from rnnkern.nn.norm import RMSNormGated
 from rnnkern.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
-from rnnkern.ops.mamba_block_step import MAMBA2_BLOCK_STEP
+from rnnkern.ops.mamba_block_step import MAMBA2_BLOCK_STEP, mamba2_block_step_kernel
 from rnnkern.ops.mamba_chunk_scan import mamba_chunk_scan
 from rnnkern.ops.selective_scan import selective_state_update
 
@@ -204,8 +204,7 @@ class Mamba2(nn.Module):
                             self.d_model):
             parameters = self._step_parameters.get(self.A_log, self._collect_step_parameters)
             if parameters is not None:
-                step = MAMBA2_BLOCK_STEP.function("cpu", "mamba2_block_step")
-                y = step(u, conv_state, ssm_state, parameters, self.d_inner // self.ngroups, self.norm_before_gate,
+                y = mamba2_block_step_kernel()(u, conv_state, ssm_state, parameters, self.d_inner // self.ngroups, self.norm_before_gate,
                          self.norm.eps if self.rmsnorm else 0.0, *self.dt_limit)
                 return y, conv_state, ssm_state
         _checks.input_tensor("Mamba2", u, (3,), "(B, 1, d_model)", self.d_model, self.in_proj.weight, "d_model")
