@@ -7,7 +7,7 @@ A suite module exposes ``SECTION`` (the key of results.json its records go under
 import importlib
 from types import ModuleType
 
-SUITES = ("scan", "lstm", "gru", "selective", "mamba2", "kvcache")
+SUITES = ("scan", "lstm", "gru", "selective", "mamba2", "decode", "kvcache")
 
 
 def load(name: str) -> ModuleType:
