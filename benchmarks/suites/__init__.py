@@ -7,9 +7,11 @@ A suite module exposes ``SECTION`` (the key of results.json its records go under
 import importlib
 from types import ModuleType
 
-SUITES = ("scan", "lstm", "gru", "selective", "mamba2", "kvcache")
+SUITES = ("scan", "lstm", "gru", "selective", "mamba2", "kvcache", "hfmamba")
+# Suites whose module is named otherwise than the suite.
+MODULES = {"hfmamba": "hf_mamba"}
 
 
 def load(name: str) -> ModuleType:
     """The suite module `name` (imported on demand, so one suite's extras never block another)."""
-    return importlib.import_module(f"benchmarks.suites.{name}")
+    return importlib.import_module(f"benchmarks.suites.{MODULES.get(name, name)}")
