@@ -1,6 +1,6 @@
 """Benchmark CLI: times rnnkern's kernels against PyTorch baselines in one process.
 
-    python benchmarks/run.py [--suite scan|lstm|gru|selective|mamba2|decode|kvcache|all] [--quick]
+    python benchmarks/run.py [--suite scan|lstm|gru|selective|mamba2|decode|kvcache|hfmamba|all] [--quick]
                              [--device cpu|cuda] [--out DIR]
 
 Prints one table per suite to stdout, progress to stderr, and writes DIR/results.json:

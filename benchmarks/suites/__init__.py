@@ -7,7 +7,7 @@ A suite module exposes ``SECTION`` (the key of results.json its records go under
 import importlib
 from types import ModuleType
 
-SUITES = ("scan", "lstm", "gru", "selective", "mamba2", "decode", "kvcache")
+SUITES = ("scan", "lstm", "gru", "selective", "mamba2", "decode", "kvcache", "hfmamba")
 
 
 def load(name: str) -> ModuleType:
