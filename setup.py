@@ -1,5 +1,5 @@
-"""Builds rnnkern._C, the CPU kernels (csrc/bindings.cpp and csrc/cpu/*.cpp), as a plain C++
-extension of torch."""
+"""Builds rnnkern._C, the CPU kernels (csrc/bindings.cpp, csrc/python_calls.cpp and
+csrc/cpu/*.cpp), as a plain C++ extension of torch."""
 import glob
 import sys
 
@@ -8,7 +8,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 
 def _extension():
-    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/bindings.cpp", "csrc/python_calls.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3"]  # the C++ standard: the one torch's BuildExtension picks for its headers
     link_flags = []
     if sys.platform.startswith("linux"):

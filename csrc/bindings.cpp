@@ -4,10 +4,12 @@
 #include <torch/library.h>
 
 #include "ops.h"
+#include "python_calls.h"
 
-// Importing rnnkern._C runs the static registrations below; the module itself is empty.
+// Importing rnnkern._C runs the static registrations below; the module itself holds only the
+// direct entry points of the one-token kernels (python_calls.cpp).
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, rnnkern::python_calls()};
   return PyModule_Create(&module);
 }
 

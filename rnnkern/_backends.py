@@ -180,6 +180,20 @@ def _cpu_runs(op: Op, dtype: torch.dtype) -> bool:
     return op.refusal("cpu", _CPU, dtype) is None
 
 
+def step_kernel(op: Op) -> Callable:
+    """The cpu kernel of the one-token op `op` for an eager per-token call: with grad mode off,
+    rnnkern._C's direct entry point (csrc/python_calls.cpp: the kernel without the dispatcher's
+    argument parsing, which costs about as much as a small step); otherwise the registered op,
+    which records that it has no backward."""
+    name = op.functions[0]
+    return op.function("cpu", name) if torch.is_grad_enabled() else _direct_entry_point(name)
+
+
+@functools.cache
+def _direct_entry_point(name: str) -> Callable:
+    return getattr(importlib.import_module("rnnkern._C"), name)
+
+
 # The answer depends only on its arguments (TRITON_INTERPRET among them, through
 # device_reason) and on what this process has loaded, so it is computed once per input kind.
 @functools.lru_cache(maxsize=512)

@@ -1,8 +1,16 @@
 // project_rows (gemv.h): dot products, four weight rows at a time (four independent sums hide
-// the FMA latency), each block of rows used for every batch row while it sits in L1.
+// the FMA latency), each block of rows used for every batch row while it sits in L1. Float on
+// a CPU with AVX2 and FMA takes an intrinsics version that also prefetches the next block of
+// rows: with the weights in L3 or memory (a stack of layers decoding one token), the portable
+// loop ran at a quarter of the speed a plain read of the same bytes reaches on a Zen 3.
 #include "gemv.h"
 
 #include "vectorized.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define RNNKERN_AVX2_GEMV 1
+#endif
 
 namespace rnnkern::cpu {
 namespace {
@@ -67,10 +75,71 @@ RNNKERN_VECTORIZED void project_rows_impl(const T* __restrict w, int64_t k, int6
   }
 }
 
+#ifdef RNNKERN_AVX2_GEMV
+
+bool avx2_fma_supported() {
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+}
+
+// The four sums of a0..a3 (8 lanes each), in order.
+__attribute__((target("avx2,fma"))) __m128 sum_lanes(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
+}
+
+// Four rows w0 (and w0 + k, ...) dotted with v: the k % 8 tail element by element.
+__attribute__((target("avx2,fma"))) __m128 dot_four_rows(const float* w0, int64_t k, const float* v,
+                                                          bool prefetch_next) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  const float *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+  int64_t kk = 0;
+  for (; kk + 8 <= k; kk += 8) {
+    if (prefetch_next && kk % 16 == 0) {  // the next four rows, a cache line each per row
+      for (int r = 4; r < 8; ++r) __builtin_prefetch(w0 + r * k + kk);
+    }
+    const __m256 x = _mm256_loadu_ps(v + kk);
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + kk), x, s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + kk), x, s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + kk), x, s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + kk), x, s3);
+  }
+  __m128 sums = sum_lanes(s0, s1, s2, s3);
+  if (kk < k) {
+    float tail[4] = {0, 0, 0, 0};
+    for (; kk < k; ++kk) {
+      tail[0] += w0[kk] * v[kk], tail[1] += w1[kk] * v[kk], tail[2] += w2[kk] * v[kk], tail[3] += w3[kk] * v[kk];
+    }
+    sums = _mm_add_ps(sums, _mm_loadu_ps(tail));
+  }
+  return sums;
+}
+
+__attribute__((target("avx2,fma"))) void project_rows_avx2(const float* w, int64_t k, int64_t row0, int64_t n,
+                                                            const float* bias, const float* v, int64_t ldv,
+                                                            int64_t batch, float* out, int64_t ldo) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const float* w0 = w + (row0 + i) * k;
+    const bool more = i + 8 <= n;
+    for (int64_t b = 0; b < batch; ++b) {
+      __m128 sums = dot_four_rows(w0, k, v + b * ldv, more && b == 0);
+      if (bias) sums = _mm_add_ps(sums, _mm_loadu_ps(bias + row0 + i));
+      _mm_storeu_ps(out + b * ldo + i, sums);
+    }
+  }
+  if (i < n) project_rows_impl(w, k, row0 + i, n - i, bias, v, ldv, batch, out + i, ldo);
+}
+
+#endif
+
 }  // namespace
 
 void project_rows(const float* w, int64_t k, int64_t row0, int64_t n, const float* bias, const float* v,
                   int64_t ldv, int64_t batch, float* out, int64_t ldo) {
+#ifdef RNNKERN_AVX2_GEMV
+  if (avx2_fma_supported()) return project_rows_avx2(w, k, row0, n, bias, v, ldv, batch, out, ldo);
+#endif
   project_rows_impl(w, k, row0, n, bias, v, ldv, batch, out, ldo);
 }
 

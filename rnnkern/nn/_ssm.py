@@ -1,12 +1,11 @@
 """Helpers shared by the state-space blocks (Mamba, Mamba2): time-step initialisation,
-decoding-state shapes and dtypes, the fused decode step's parameters."""
+decoding-state shapes and dtypes, when the fused decode step applies."""
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.module import register_module_module_registration_hook, register_module_parameter_registration_hook
 
 from rnnkern import _backends
 
@@ -40,42 +39,6 @@ def state_shape(owner: str, name: str, state, shape: tuple) -> None:
         raise TypeError(f"{owner}: {name} must be a torch.Tensor of shape {shape}, got {type(state).__name__}")
     if tuple(state.shape) != shape:
         raise ValueError(f"{owner}: {name} must have shape {shape}, got {tuple(state.shape)}")
-
-
-# Parameters and submodules registered on any module of this process, counted so that a cache
-# of a module's parameter objects can tell when one may have been replaced.
-_registrations = 0
-
-
-def _count_registration(*_) -> None:
-    global _registrations
-    _registrations += 1
-
-
-register_module_parameter_registration_hook(_count_registration)
-register_module_module_registration_hook(_count_registration)
-
-
-class StepParameters:
-    """The parameter list of a block's fused decode step, kept from token to token.
-
-    ``get(A_log, build)`` returns the list ``build()`` made (the block's parameters as
-    registered, with the derived A = -exp(A_log)), made again when a parameter or submodule
-    has been registered anywhere since (setattr, a parametrization, ``load_state_dict(assign=True)``)
-    or A_log has changed in place (its version counter: ``load_state_dict``, an optimizer
-    step) or moved (its storage: ``module.to``, ``.data =``). Writes through ``p.data``, which
-    autograd does not see either, are not seen.
-    """
-
-    def __init__(self) -> None:
-        self._key: Optional[tuple] = None
-        self._parameters: Optional[list] = None
-
-    def get(self, A_log: Tensor, build: Callable[[], Optional[list]]) -> Optional[list]:
-        key = (_registrations, A_log._version, A_log.data_ptr())
-        if key != self._key:
-            self._key, self._parameters = key, build()
-        return self._parameters
 
 
 def takes_fused_step(op, backend: Optional[str], u: Tensor, conv_state: Tensor, ssm_state: Tensor,

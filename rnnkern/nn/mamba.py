@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rnnkern import _backends
 from rnnkern.nn import _checks, _onnx
-from rnnkern.nn._ssm import (StepParameters, inverse_softplus_time_steps, last_columns, state_shape,
+from rnnkern.nn._ssm import (inverse_softplus_time_steps, last_columns, state_shape,
                              takes_fused_step, wide, wide_dtype)
+from rnnkern.nn._step_cache import StepCache
 from rnnkern.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
-from rnnkern.ops.mamba_block_step import MAMBA_BLOCK_STEP, mamba_block_step_kernel
+from rnnkern.ops.mamba_block_step import MAMBA_BLOCK_STEP
 from rnnkern.ops.selective_scan import selective_scan, selective_state_update
 
 __all__ = ["Mamba"]
@@ -109,7 +111,7 @@ class Mamba(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner, **wide_factory))
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
-        self._step_parameters = StepParameters()
+        self._step_parameters = StepCache()
 
     @torch.no_grad()
     def _init_dt_proj(self, dt_init: str, dt_scale: float, dt_min: float, dt_max: float, floor: float) -> None:
@@ -198,7 +200,7 @@ class Mamba(nn.Module):
                             self.in_proj.weight, self.d_model):
             parameters = self._fused_step_parameters()
             if parameters is not None:
-                return mamba_block_step_kernel()(hidden_states, conv_state, ssm_state, parameters), conv_state, ssm_state
+                return _backends.step_kernel(MAMBA_BLOCK_STEP)(hidden_states, conv_state, ssm_state, parameters), conv_state, ssm_state
         _checks.input_tensor(
             "Mamba", hidden_states, (3,), "(B, 1, d_model)", self.d_model, self.in_proj.weight, "d_model"
         )
@@ -222,7 +224,7 @@ class Mamba(nn.Module):
     def _fused_step_parameters(self) -> Optional[list]:
         """The parameters in reference.mamba_block_step's order (A derived), cached; None
         where a weight is not a registered parameter (a parametrization, say)."""
-        return self._step_parameters.get(self.A_log, self._collect_step_parameters)
+        return self._step_parameters.get(self._collect_step_parameters, self.A_log)
 
     def _collect_step_parameters(self) -> Optional[list]:
         in_proj, conv1d, x_proj = self.in_proj._parameters, self.conv1d._parameters, self.x_proj._parameters

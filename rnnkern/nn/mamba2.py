@@ -14,12 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rnnkern import _backends
 from rnnkern.nn import _checks
-from rnnkern.nn._ssm import (StepParameters, inverse_softplus_time_steps, last_columns, state_shape,
+from rnnkern.nn._ssm import (inverse_softplus_time_steps, last_columns, state_shape,
                              takes_fused_step, wide, wide_dtype)
+from rnnkern.nn._step_cache import StepCache
 from rnnkern.nn.norm import RMSNormGated
 from rnnkern.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
-from rnnkern.ops.mamba_block_step import MAMBA2_BLOCK_STEP, mamba2_block_step_kernel
+from rnnkern.ops.mamba_block_step import MAMBA2_BLOCK_STEP
 from rnnkern.ops.mamba_chunk_scan import mamba_chunk_scan
 from rnnkern.ops.selective_scan import selective_state_update
 
@@ -123,7 +125,7 @@ class Mamba2(nn.Module):
             self.norm = RMSNormGated(self.d_inner, eps=1e-5, norm_before_gate=norm_before_gate,
                                      group_size=self.d_inner // ngroups, **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
-        self._step_parameters = StepParameters()
+        self._step_parameters = StepCache()
 
     def extra_repr(self) -> str:
         text = (f"d_model={self.d_model}, d_state={self.d_state}, d_conv={self.d_conv}, expand={self.expand}, "
@@ -202,9 +204,9 @@ class Mamba2(nn.Module):
         sizes = ((self.conv_dim, self.d_conv), (self.nheads, self.headdim, self.d_state))
         if takes_fused_step(MAMBA2_BLOCK_STEP, self.backend, u, conv_state, ssm_state, sizes, self.in_proj.weight,
                             self.d_model):
-            parameters = self._step_parameters.get(self.A_log, self._collect_step_parameters)
+            parameters = self._step_parameters.get(self._collect_step_parameters, self.A_log)
             if parameters is not None:
-                y = mamba2_block_step_kernel()(u, conv_state, ssm_state, parameters, self.d_inner // self.ngroups, self.norm_before_gate,
+                y = _backends.step_kernel(MAMBA2_BLOCK_STEP)(u, conv_state, ssm_state, parameters, self.d_inner // self.ngroups, self.norm_before_gate,
                          self.norm.eps if self.rmsnorm else 0.0, *self.dt_limit)
                 return y, conv_state, ssm_state
         _checks.input_tensor("Mamba2", u, (3,), "(B, 1, d_model)", self.d_model, self.in_proj.weight, "d_model")

@@ -95,10 +95,10 @@ def streaming_step(step_op: _backends.Op, backend: Optional[str], x: Tensor, sta
     the layer op would not take it."""
     if not _backends.selects_cpu(step_op, backend, x.dtype):
         return None
-    weights = [w for layer in layers for w in layer]
-    if not step_kernel_applies(states[0].shape[1], _checks.keeps_grad((x, *states, *weights))):
+    recorded = torch.is_grad_enabled() and _checks.keeps_grad((x, *states, *(w for layer in layers for w in layer)))
+    if not step_kernel_applies(states[0].shape[1], recorded):
         return None
-    step = step_op.function("cpu", step_op.functions[0])
+    step = _backends.step_kernel(step_op)
     if len(layers) == 1:  # the states as they are, no stacking of the finals
         return step(x, *states, *layers[0])
     y, finals = x, []

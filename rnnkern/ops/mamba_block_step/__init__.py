@@ -8,15 +8,13 @@ ground truth it is tested against. rnnkern.nn.Mamba.step and Mamba2.step call th
 the cpu backend takes the step, and the op-by-op form elsewhere (other devices and dtypes,
 autograd, torch.compile).
 """
-import functools
-from typing import Callable, Optional
+from typing import Optional
 
 from torch import Tensor
 
 from rnnkern import _backends
 
-__all__ = ["MAMBA_BLOCK_STEP", "MAMBA2_BLOCK_STEP", "mamba_block_step", "mamba2_block_step",
-           "mamba_block_step_kernel", "mamba2_block_step_kernel"]
+__all__ = ["MAMBA_BLOCK_STEP", "MAMBA2_BLOCK_STEP", "mamba_block_step", "mamba2_block_step"]
 
 
 def _step_op(name: str) -> _backends.Op:
@@ -28,16 +26,6 @@ def _step_op(name: str) -> _backends.Op:
 MAMBA_BLOCK_STEP = _step_op("mamba_block_step")
 MAMBA2_BLOCK_STEP = _step_op("mamba2_block_step")
 
-
-# The cpu kernels as the modules call them per token, looked up once.
-@functools.cache
-def mamba_block_step_kernel() -> Callable:
-    return MAMBA_BLOCK_STEP.function("cpu", "mamba_block_step")
-
-
-@functools.cache
-def mamba2_block_step_kernel() -> Callable:
-    return MAMBA2_BLOCK_STEP.function("cpu", "mamba2_block_step")
 
 
 def mamba_block_step(u: Tensor, conv_state: Tensor, ssm_state: Tensor, parameters: list[Optional[Tensor]], *,
