@@ -42,18 +42,18 @@ def state_shape(owner: str, name: str, state, shape: tuple) -> None:
 
 
 def takes_fused_step(op, backend: Optional[str], u: Tensor, conv_state: Tensor, ssm_state: Tensor,
-                     state_sizes: tuple, weight: Tensor, d_model: int) -> bool:
+                     state_sizes: tuple, dtype: torch.dtype, d_model: int) -> bool:
     """Whether a block's step on u runs its fused kernel: one token (B, 1, d_model) on CPU, the
-    states of the shapes (B, *sizes) that ``state_sizes`` gives for each, all in the weights'
-    dtype, the cpu backend chosen and running that dtype, eagerly (torch.compile and export
-    trace the op-by-op form, whose ops they know). Anything else takes the op-by-op form, which
-    raises the errors of bad input."""
-    dtype = weight.dtype
-    if not (isinstance(u, Tensor) and isinstance(conv_state, Tensor) and isinstance(ssm_state, Tensor)
-            and u.dim() == 3 and u.shape[1] == 1 and u.shape[2] == d_model and u.is_cpu and u.dtype == dtype
-            and conv_state.dtype == dtype and ssm_state.dtype == dtype):
+    states of the shapes (B, *sizes) that ``state_sizes`` gives for each, all in the
+    parameters' ``dtype``, the cpu backend chosen and running that dtype, eagerly (torch.compile
+    and export trace the op-by-op form, whose ops they know). Anything else takes the op-by-op
+    form, which raises the errors of bad input. (Called per token: a few attribute reads.)"""
+    if not (isinstance(u, Tensor) and isinstance(conv_state, Tensor) and isinstance(ssm_state, Tensor)):
         return False
-    batch = u.shape[0]
+    shape = u.shape
+    if len(shape) != 3 or shape[1] != 1 or shape[2] != d_model or u.dtype != dtype or not u.is_cpu:
+        return False
     conv_sizes, ssm_sizes = state_sizes
-    return (conv_state.shape == (batch, *conv_sizes) and ssm_state.shape == (batch, *ssm_sizes)
-            and not torch.compiler.is_compiling() and _backends.selects_cpu(op, backend, dtype))
+    return (conv_state.dtype == dtype and ssm_state.dtype == dtype and conv_state.shape == (shape[0], *conv_sizes)
+            and ssm_state.shape == (shape[0], *ssm_sizes) and not torch.compiler.is_compiling()
+            and _backends.selects_cpu(op, backend, dtype))

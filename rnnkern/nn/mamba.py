@@ -112,6 +112,7 @@ class Mamba(nn.Module):
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
         self._step_parameters = StepCache()
+        self._step_state_sizes = ((self.d_inner, d_conv), (self.d_inner, d_state))  # (B, ...) of the two states
 
     @torch.no_grad()
     def _init_dt_proj(self, dt_init: str, dt_scale: float, dt_min: float, dt_max: float, floor: float) -> None:
@@ -195,12 +196,12 @@ class Mamba(nn.Module):
         (:func:`rnnkern.ops.mamba_block_step.mamba_block_step`), with A = -exp(A_log) kept
         between tokens until a parameter changes; elsewhere it runs the one-step ops.
         """
-        sizes = ((self.d_inner, self.d_conv), (self.d_inner, self.d_state))
-        if takes_fused_step(MAMBA_BLOCK_STEP, self.backend, hidden_states, conv_state, ssm_state, sizes,
-                            self.in_proj.weight, self.d_model):
-            parameters = self._fused_step_parameters()
-            if parameters is not None:
-                return _backends.step_kernel(MAMBA_BLOCK_STEP)(hidden_states, conv_state, ssm_state, parameters), conv_state, ssm_state
+        parameters = self._step_parameters.get(self._collect_step_parameters, self.A_log)
+        if parameters is not None and takes_fused_step(MAMBA_BLOCK_STEP, self.backend, hidden_states, conv_state,
+                                                       ssm_state, self._step_state_sizes, parameters[0].dtype,
+                                                       self.d_model):
+            step = _backends.step_kernel(MAMBA_BLOCK_STEP)
+            return step(hidden_states, conv_state, ssm_state, parameters), conv_state, ssm_state
         _checks.input_tensor(
             "Mamba", hidden_states, (3,), "(B, 1, d_model)", self.d_model, self.in_proj.weight, "d_model"
         )
@@ -221,12 +222,9 @@ class Mamba(nn.Module):
     def _conv_weight(self) -> Tensor:
         return self.conv1d.weight.squeeze(1)  # (E, 1, d_conv) -> (E, d_conv)
 
-    def _fused_step_parameters(self) -> Optional[list]:
-        """The parameters in reference.mamba_block_step's order (A derived), cached; None
-        where a weight is not a registered parameter (a parametrization, say)."""
-        return self._step_parameters.get(self._collect_step_parameters, self.A_log)
-
     def _collect_step_parameters(self) -> Optional[list]:
+        """The parameters in reference.mamba_block_step's order (A derived); None where a
+        weight is not a registered parameter (a parametrization, say)."""
         in_proj, conv1d, x_proj = self.in_proj._parameters, self.conv1d._parameters, self.x_proj._parameters
         dt_proj, out_proj = self.dt_proj._parameters, self.out_proj._parameters
         parameters = [in_proj.get("weight"), in_proj.get("bias"), conv1d.get("weight"), conv1d.get("bias"),

@@ -126,6 +126,7 @@ class Mamba2(nn.Module):
                                      group_size=self.d_inner // ngroups, **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
         self._step_parameters = StepCache()
+        self._step_state_sizes = ((self.conv_dim, d_conv), (self.nheads, headdim, d_state))  # (B, ...) of the states
 
     def extra_repr(self) -> str:
         text = (f"d_model={self.d_model}, d_state={self.d_state}, d_conv={self.d_conv}, expand={self.expand}, "
@@ -201,14 +202,13 @@ class Mamba2(nn.Module):
         (:func:`rnnkern.ops.mamba_block_step.mamba2_block_step`), with A = -exp(A_log) kept
         between tokens until a parameter changes; elsewhere it runs the one-step ops.
         """
-        sizes = ((self.conv_dim, self.d_conv), (self.nheads, self.headdim, self.d_state))
-        if takes_fused_step(MAMBA2_BLOCK_STEP, self.backend, u, conv_state, ssm_state, sizes, self.in_proj.weight,
-                            self.d_model):
-            parameters = self._step_parameters.get(self._collect_step_parameters, self.A_log)
-            if parameters is not None:
-                y = _backends.step_kernel(MAMBA2_BLOCK_STEP)(u, conv_state, ssm_state, parameters, self.d_inner // self.ngroups, self.norm_before_gate,
-                         self.norm.eps if self.rmsnorm else 0.0, *self.dt_limit)
-                return y, conv_state, ssm_state
+        parameters = self._step_parameters.get(self._collect_step_parameters, self.A_log)
+        if parameters is not None and takes_fused_step(MAMBA2_BLOCK_STEP, self.backend, u, conv_state, ssm_state,
+                                                       self._step_state_sizes, parameters[0].dtype, self.d_model):
+            step = _backends.step_kernel(MAMBA2_BLOCK_STEP)
+            y = step(u, conv_state, ssm_state, parameters, self.d_inner // self.ngroups, self.norm_before_gate,
+                     self.norm.eps if self.rmsnorm else 0.0, *self.dt_limit)
+            return y, conv_state, ssm_state
         _checks.input_tensor("Mamba2", u, (3,), "(B, 1, d_model)", self.d_model, self.in_proj.weight, "d_model")
         batch = u.shape[0]
         if u.shape[1] != 1:

@@ -18,6 +18,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from rnnkern.nn import _checks, _onnx, _packed
 from rnnkern.nn._params import PARAMETER_NAMES, reset_uniform
+from rnnkern.nn._step_cache import StepCache
 from rnnkern.ops._sequences import streaming_step
 from rnnkern.ops.gru import GRU_STEP, gru_layer
 from rnnkern.ops.lstm import LSTM_STEP, lstm_layer
@@ -55,6 +56,7 @@ class _Recurrent(nn.Module):
     ) -> None:
         super().__init__()
         _check_config(hidden_size, num_layers, dropout, proj_size)
+        self._step_weights_cache = StepCache()  # _step_weights() between streaming calls
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -158,7 +160,7 @@ class _Recurrent(nn.Module):
         batch, steps = (input.shape[0], input.shape[1]) if self.batch_first else (input.shape[1], input.shape[0])
         if steps != 1:
             return None
-        weights = self._step_weights()
+        weights = self._step_weights_cache.get(self._step_weights)
         if weights is None or input.dtype != weights[0][0].dtype:
             return None
         states = self._step_states(hx, input, batch)

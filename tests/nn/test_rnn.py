@@ -294,6 +294,22 @@ def test_streaming_one_step_at_a_time_equals_sequence(mode, device, backend):
 CPU_LAYERS = [p for p in mode_backends(fp64=True) if p.values[2] == "cpu"]
 
 
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_streaming_call_sees_a_replaced_weight(mode):
+    """The streaming path keeps its weight list between calls; a parameter replaced after one
+    (setattr of a new Parameter) is what the next call uses."""
+    expected, actual = make_pair(mode, "cpu", "cpu", dtype=torch.float32, num_layers=2, batch_first=True)
+    expected.eval()
+    actual.eval()
+    x = sequence(True, 3, 1, "cpu", torch.float32)
+    weight = torch.randn_like(expected.weight_ih_l1)
+    with torch.no_grad():
+        actual(x)  # fills the cache
+        expected.weight_ih_l1 = torch.nn.Parameter(weight.clone())  # (W_ih: from zero states W_hh does nothing)
+        actual.weight_ih_l1 = torch.nn.Parameter(weight.clone())
+        assert_close(actual(x)[0], expected(x)[0], torch.float32, "output")
+
+
 @pytest.mark.parametrize("num_layers", [1, 3], ids=["1-layer", "3-layers"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "no-hx"])
