@@ -107,7 +107,7 @@ RNNKERN_VECTORIZED void silu_in_place(T* __restrict v, int64_t n) {
 template <typename T>
 RNNKERN_VECTORIZED void softplus_in_place(T* __restrict v, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) v[i] = math::softplus(v[i]);
+  for (int64_t i = 0; i < n; ++i) v[i] = math::softplus_branchless(v[i]);
 }
 
 // y *= silu(z)

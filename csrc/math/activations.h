@@ -106,6 +106,11 @@ RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE T silu(T x) {
 // torch.nn.functional.softplus (and mamba_ssm).
 constexpr double kSoftplusThreshold = 20.0;
 
+template <typename T>
+RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE T softplus(T x) {
+  return x > T(kSoftplusThreshold) ? x : std::log1p(std::exp(x));
+}
+
 // log(1 + t) for float t in [0, 1], branch-free: u = 1 + t rounded, reduced to m in
 // [sqrt(1/2), sqrt(2)) with log m = 2 atanh((m - 1) / (m + 1)) as an odd series (to s^11,
 // |s| <= 0.172), then scaled by t / (u - 1) (exact: u - 1 is), which undoes the rounding of
@@ -127,15 +132,13 @@ RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE float log1p_unit(float t) {
   return select(rounded == 0.0f, t, log_u * (t / select(rounded == 0.0f, 1.0f, rounded)));
 }
 
-// softplus for float as max(x, 0) + log1p(e^{-|x|}), branch-free (so loops over it vectorise);
-// the C library's log1p(exp(x)) for double.
-RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE float softplus(float x) {
+// softplus for float as max(x, 0) + log1p(e^{-|x|}), branch-free, for `#pragma omp simd`
+// loops over many values (a scalar call is faster through the C library: softplus above).
+RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE float softplus_branchless(float x) {
   const float smooth = select(x > 0.0f, x, 0.0f) + log1p_unit(exp_clamped(-std::fabs(x)));
   return select(x > static_cast<float>(kSoftplusThreshold), x, smooth);
 }
-RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE double softplus(double x) {
-  return x > kSoftplusThreshold ? x : std::log1p(std::exp(x));
-}
+RNNKERN_HOST_DEVICE RNNKERN_FORCE_INLINE double softplus_branchless(double x) { return softplus(x); }
 
 // d softplus(x) / dx: sigmoid(x) (the C library's exp), 1 above the threshold (and for NaN).
 template <typename T>

@@ -130,3 +130,12 @@ def test_bad_state_is_a_clear_error(case):
     states[which] = spoil(states[which])
     with pytest.raises(RuntimeError, match="mamba_block_step: " + message):
         mamba_block_step(torch.randn(2, 1, 16), *states, mamba_parameters(block), backend="cpu")
+
+
+def test_mamba_block_step_softplus_over_its_whole_range():
+    """Time steps from e^-25 to 25 (dt_proj's bias spans [-25, 25]): the kernel's branch-free
+    softplus against F.softplus, across the threshold (20) and far into its exponential tail."""
+    block = rnnkern.nn.Mamba(d_model=16, d_state=4, expand=4)
+    with torch.no_grad():
+        block.dt_proj.bias.copy_(torch.linspace(-25, 25, block.d_inner))
+        run_both(mamba_block_step, torch.randn(2, 1, 16), random_states(block, 2, 0), mamba_parameters(block))
