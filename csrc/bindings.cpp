@@ -62,6 +62,9 @@ TORCH_LIBRARY(rnnkern_C, m) {
   m.def(
       "mamba2_block_step(Tensor u, Tensor(a!) conv_state, Tensor(b!) ssm_state, Tensor?[] parameters, "
       "int norm_group_size, bool norm_before_gate, float norm_eps, float dt_min, float dt_max) -> Tensor");
+  m.def(
+      "rms_norm_gated(Tensor x, Tensor weight, Tensor? bias, Tensor? z, float eps, int group_size, "
+      "bool norm_before_gate) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rnnkern_C, CPU, m) {
@@ -83,4 +86,5 @@ TORCH_LIBRARY_IMPL(rnnkern_C, CPU, m) {
   m.impl("selective_state_update", &rnnkern::selective_state_update_cpu);
   m.impl("mamba_block_step", &rnnkern::mamba_block_step_cpu);
   m.impl("mamba2_block_step", &rnnkern::mamba2_block_step_cpu);
+  m.impl("rms_norm_gated", &rnnkern::rms_norm_gated_cpu);
 }

@@ -121,4 +121,9 @@ at::Tensor mamba2_block_step_cpu(const at::Tensor& u, at::Tensor& conv_state, at
                                  const c10::List<std::optional<at::Tensor>>& parameters, int64_t norm_group_size,
                                  bool norm_before_gate, double norm_eps, double dt_min, double dt_max);
 
+// Mamba-2's gated RMSNorm (rnnkern/ops/rms_norm_gated/reference.py) for fp32/fp64, no autograd.
+at::Tensor rms_norm_gated_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& z, double eps, int64_t group_size,
+                              bool norm_before_gate);
+
 }  // namespace rnnkern

@@ -1,11 +1,11 @@
 // Direct Python entry points of the one-token kernels, for the modules' eager streaming calls:
-// rnnkern._C.lstm_step, gru_step, mamba_block_step and mamba2_block_step, with the arguments
-// of the rnnkern_C ops of the same names. A torch.ops call spends about 10 us parsing its
-// arguments against the schema and dispatching, as much as a small step's whole kernel; these
-// take positional arguments, call the same kernels and bump the version counters of the
-// states they update in place, as the dispatcher's in-place handling does. They record no
-// autograd: the modules call them only with grad mode off, and the registered ops otherwise.
-// The profiler sees each under its op's name (rnnkern_C::lstm_step, ...).
+// rnnkern._C.lstm_step, gru_step, mamba_block_step, mamba2_block_step and rms_norm_gated, with
+// the arguments of the rnnkern_C ops of the same names. A torch.ops call spends about 10 us
+// parsing its arguments against the schema and dispatching, as much as a small step's whole
+// kernel; these take positional arguments, call the same kernels and bump the version
+// counters of the states they update in place, as the dispatcher's in-place handling does.
+// They record no autograd: the modules call them only with grad mode off, and the registered
+// ops otherwise. The profiler sees each under its op's name (rnnkern_C::lstm_step, ...).
 #include "python_calls.h"
 
 #include <ATen/record_function.h>
@@ -123,6 +123,20 @@ PyObject* mamba2_block_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* rms_norm_gated(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const char* fn = "rms_norm_gated";
+  RECORD_FUNCTION("rnnkern_C::rms_norm_gated", std::vector<c10::IValue>());
+  check_count(fn, nargs, 7);
+  const double eps = PyFloat_AsDouble(args[4]);
+  const int64_t group_size = PyLong_AsLongLong(args[5]);
+  const int norm_before_gate = PyObject_IsTrue(args[6]);
+  if (PyErr_Occurred()) return nullptr;
+  return THPVariable_Wrap(rms_norm_gated_cpu(tensor(fn, args, 0), tensor(fn, args, 1), optional_tensor(fn, args, 2),
+                                             optional_tensor(fn, args, 3), eps, group_size, norm_before_gate != 0));
+  END_HANDLE_TH_ERRORS
+}
+
 template <auto function>
 constexpr PyCFunction fastcall() {
   return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(function));
@@ -135,6 +149,7 @@ PyMethodDef methods[] = {
      "rnnkern_C::mamba_block_step without the dispatcher"},
     {"mamba2_block_step", fastcall<mamba2_block_step>(), METH_FASTCALL,
      "rnnkern_C::mamba2_block_step without the dispatcher"},
+    {"rms_norm_gated", fastcall<rms_norm_gated>(), METH_FASTCALL, "rnnkern_C::rms_norm_gated without the dispatcher"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -13,10 +13,12 @@ associative scan runs only under torch.compile) and one torch expression per dec
 (transformers 4.x calls the same path ``MambaMixer.slow_forward``.) The suite records the
 versions and whether mamba_ssm / causal_conv1d are importable.
 
-The rnnkern side (:class:`RnnkernMambaLM`) reuses the HF model's modules - embeddings, each
-block's MambaRMSNorm, norm_f, lm_head - and puts, per layer, an ``rnnkern.nn.Mamba`` with
-the HF mixer's state_dict loaded strictly (the names are mamba_ssm's on both sides: in_proj,
-conv1d, x_proj, dt_proj, A_log, D, out_proj) in the mixer's place. Each block computes as
+The rnnkern side (:class:`RnnkernMambaLM`) reuses the HF model's embeddings and lm_head and
+puts, per layer, an ``rnnkern.nn.Mamba`` with the HF mixer's state_dict loaded strictly (the
+names are mamba_ssm's on both sides: in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj) in
+the mixer's place, and an ``rnnkern.nn.RMSNormGated`` (no gate, one group: the same RMSNorm)
+holding each MambaRMSNorm's weight and epsilon in the norm's (one C++ call per token on CPU,
+where HF's norm is six torch ops). Each block computes as
 HF's MambaBlock: residual = h; h = norm(h); residual in fp32 if config.residual_in_fp32;
 h = residual + mixer(h); then norm_f and lm_head, logits in fp32.
 
@@ -59,8 +61,9 @@ COLUMNS = [
 LEGEND = (
     "shape: batch x prompt tokens x new tokens; ms/token: median of the decoding after the prompt (new\n"
     "tokens - 1 steps, the prefill outside the timer) / its steps; IQR likewise; vs HF: the transformers\n"
-    "loop's median / this median (above 1: faster); weight MB/token: parameter bytes one rnnkern decode step reads (every mixer and norm, one\n"
-    "embedding row, lm_head), from the model's tensors; GB/s: that / ms per token"
+    "loop's median / this median (above 1: faster); weight MB/token: parameter bytes one rnnkern decode\n"
+    "step reads (every mixer and norm, one embedding row, lm_head), from the model's tensors; GB/s: that /\n"
+    "ms per token"
 )
 LOGITS_ATOL = 1e-4
 OP = "MambaForCausalLM"
@@ -92,10 +95,12 @@ def build_hf(config, seed: int = 0) -> nn.Module:
 
 
 class RnnkernMambaLM(nn.Module):
-    """An HF MambaForCausalLM's embeddings, norms and head around rnnkern.nn.Mamba mixers.
+    """An HF MambaForCausalLM's embeddings and head around rnnkern.nn.Mamba mixers and
+    rnnkern.nn.RMSNormGated norms.
 
-    The HF model's modules are shared, not copied; each HF mixer's state_dict is loaded
-    strictly into an ``rnnkern.nn.Mamba`` of the same sizes. Blocks compute as HF's MambaBlock.
+    The HF model's embeddings and head are shared, not copied; each HF mixer's state_dict is
+    loaded strictly into an ``rnnkern.nn.Mamba`` of the same sizes, each norm's weight into an
+    ``rnnkern.nn.RMSNormGated``. Blocks compute as HF's MambaBlock.
 
         logits, states = model.prefill(tokens)     # (B, T) -> (B, T, V), [(conv_state, ssm_state)] per layer
         logits, states = model.step(token, states)  # (B,) -> (B, V); states updated in place
@@ -107,9 +112,9 @@ class RnnkernMambaLM(nn.Module):
         config, backbone = hf_model.config, hf_model.backbone
         self.residual_in_fp32 = config.residual_in_fp32
         self.embeddings = backbone.embeddings
-        self.norms = nn.ModuleList(layer.norm for layer in backbone.layers)
+        self.norms = nn.ModuleList(rnnkern_norm(layer.norm) for layer in backbone.layers)
         self.mixers = nn.ModuleList(rnnkern_mixer(layer.mixer, config, i) for i, layer in enumerate(backbone.layers))
-        self.norm_f = backbone.norm_f
+        self.norm_f = rnnkern_norm(backbone.norm_f)
         self.lm_head = hf_model.lm_head
 
     def _block(self, norm: nn.Module, mix: Callable[[Tensor], Tensor], hidden: Tensor) -> Tensor:
@@ -162,6 +167,15 @@ class RnnkernMambaLM(nn.Module):
                    *self.lm_head.parameters()]
         row = self.embeddings.weight[0]
         return sum(t.numel() * t.element_size() for t in tensors) + row.numel() * row.element_size()
+
+
+def rnnkern_norm(hf_norm: nn.Module) -> rnnkern.nn.RMSNormGated:
+    """HF's MambaRMSNorm (weight * x / sqrt(mean(x^2) + eps)) as rnnkern.nn.RMSNormGated."""
+    weight = hf_norm.weight
+    norm = rnnkern.nn.RMSNormGated(weight.shape[0], eps=hf_norm.variance_epsilon, device=weight.device,
+                                   dtype=weight.dtype)
+    norm.load_state_dict(hf_norm.state_dict(), strict=True)
+    return norm
 
 
 def rnnkern_mixer(hf_mixer: nn.Module, config, layer_idx: int) -> rnnkern.nn.Mamba:

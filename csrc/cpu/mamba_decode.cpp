@@ -117,6 +117,13 @@ RNNKERN_VECTORIZED void multiply_silu(T* __restrict y, const T* __restrict z, in
   for (int64_t i = 0; i < n; ++i) y[i] *= math::silu(z[i]);
 }
 
+// y += v
+template <typename T>
+RNNKERN_VECTORIZED void add_in_place(T* __restrict y, const T* __restrict v, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += v[i];
+}
+
 // y = y / sqrt(mean(y^2) + eps) * weight
 template <typename T>
 RNNKERN_VECTORIZED void rms_normalise(T* __restrict y, const T* __restrict weight, T eps, int64_t n) {
@@ -536,6 +543,42 @@ at::Tensor mamba2_block_step_cpu(const at::Tensor& u, at::Tensor& conv_state, at
                            required(parameters, 6, op, "D"), parameters.get(7), norm_eps, norm_group_size,
                            norm_before_gate, dt_min, dt_max, required(parameters, 8, op, "out_proj_weight"),
                            parameters.get(9));
+}
+
+at::Tensor rms_norm_gated_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
+                              const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& z_in,
+                              double eps, int64_t group_size, bool norm_before_gate) {
+  const char* op = "rms_norm_gated";
+  TORCH_CHECK(x_in.dim() >= 1, op, ": x must have shape (..., d), got ", x_in.sizes());
+  cpu::check_float_or_double(op, "x", x_in);
+  const int64_t dim = x_in.size(-1), rows = leading_rows(x_in);
+  const auto dtype = x_in.scalar_type();
+  cpu::check_tensor(op, "weight", weight_in, {dim}, dtype);
+  cpu::check_optional(op, "bias", bias_in, {dim}, dtype);
+  TORCH_CHECK(!z_in.has_value() || z_in->sizes() == x_in.sizes(), op, ": z must have x's shape ", x_in.sizes());
+  if (z_in.has_value()) cpu::check_dtype(op, "z", *z_in, dtype);
+  TORCH_CHECK(group_size > 0 && dim % group_size == 0, op, ": group_size must divide d = ", dim, ", got ",
+              group_size);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor bias = cpu::contiguous_or_undefined(bias_in), z = cpu::contiguous_or_undefined(z_in);
+  at::Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "rms_norm_gated_cpu", [&] {
+    const scalar_t *xs = x.data_ptr<scalar_t>(), *w = weight.data_ptr<scalar_t>();
+    const scalar_t *b = cpu::data_or_null<scalar_t>(bias), *gate = cpu::data_or_null<scalar_t>(z);
+    scalar_t* y = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4 * kChannelsPerTask / dim), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        std::copy_n(xs + r * dim, dim, y + r * dim);
+        for (int64_t c = r * dim; c < (r + 1) * dim; c += group_size) {
+          if (gate && !norm_before_gate) multiply_silu(y + c, gate + c, group_size);
+          rms_normalise(y + c, w + c % dim, static_cast<scalar_t>(eps), group_size);
+          if (b) add_in_place(y + c, b + c % dim, group_size);
+          if (gate && norm_before_gate) multiply_silu(y + c, gate + c, group_size);
+        }
+      }
+    });
+  });
+  return out;
 }
 
 }  // namespace rnnkern

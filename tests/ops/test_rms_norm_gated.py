@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import rnnkern
+from rnnkern.ops.rms_norm_gated import reference
+from tests.conftest import ran_op
 from tests.tolerances import assert_close
 
 
@@ -65,3 +67,18 @@ def test_bad_input_names_the_argument(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         rnnkern.rms_norm_gated(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cpu_kernel_runs_without_grad_and_matches_the_reference(dtype):
+    """fp32/fp64 CPU calls with nothing to differentiate take the C++ kernel (what the tests
+    above compare to the formula); with a gradient to record, the reference's torch ops."""
+    gen = torch.Generator().manual_seed(2)
+    x, z = (torch.randn(4, 24, generator=gen, dtype=dtype) for _ in range(2))
+    weight, bias = torch.randn(24, generator=gen, dtype=dtype), torch.randn(24, generator=gen, dtype=dtype)
+    args = (x, weight, bias, z, 1e-5, 8, False)
+    with torch.no_grad():
+        assert ran_op("rnnkern_C::rms_norm_gated", lambda: rnnkern.rms_norm_gated(*args))
+    assert not ran_op("rnnkern_C::rms_norm_gated", lambda: rnnkern.rms_norm_gated(x, weight.requires_grad_(), *args[2:]))
+    with torch.no_grad():
+        assert_close(rnnkern.rms_norm_gated(*args), reference.rms_norm_gated(*args), dtype, "out")

@@ -1,16 +1,23 @@
 """rms_norm_gated: the gated, grouped RMSNorm of Mamba-2's block.
 
-A handful of elementwise torch ops and one reduction (reference.py) on every device:
-torch.compile fuses them, and eagerly they are a small share of a block's time.
+A handful of elementwise torch ops and one reduction (reference.py) on every device, which
+torch.compile fuses and autograd differentiates. Eagerly on CPU, where nothing needs a
+gradient, fp32/fp64 inputs of one dtype go to a C++ kernel (csrc/cpu/mamba_decode.cpp) in one
+call: at decode sizes the chain of torch ops costs tens of microseconds per row of a few
+hundred channels.
 """
 from typing import Optional
 
+import torch
 from torch import Tensor
 
+from rnnkern import _backends
 from rnnkern.ops import _checks
 from rnnkern.ops.rms_norm_gated import reference
 
-__all__ = ["rms_norm_gated"]
+__all__ = ["RMS_NORM_GATED", "rms_norm_gated"]
+
+RMS_NORM_GATED = _backends.step_op("rms_norm_gated")
 
 
 def rms_norm_gated(
@@ -58,7 +65,17 @@ def rms_norm_gated(
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
     _checks.flag("norm_before_gate", norm_before_gate)
+    if _takes_kernel(x, weight, bias, z):
+        return _backends.step_kernel(RMS_NORM_GATED)(x, weight, bias, z, float(eps), group_size, norm_before_gate)
     return reference.rms_norm_gated(x, weight, bias, z, float(eps), group_size, norm_before_gate)
+
+
+def _takes_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], z: Optional[Tensor]) -> bool:
+    """CPU tensors of one fp32/fp64 dtype, eagerly, nothing to differentiate, cpu backend selected."""
+    operands = (x, weight, bias, z)
+    return (x.is_cpu and all(t is None or t.dtype == x.dtype for t in operands)
+            and not torch.compiler.is_compiling() and not _checks.keeps_grad(operands)
+            and _backends.selects_cpu(RMS_NORM_GATED, None, x.dtype))
 
 
 def _vector(name: str, v, dim: int, x: Tensor) -> None:
