@@ -1,4 +1,4 @@
-"""ONNX export of rnnkern.nn's LSTM, GRU and Mamba: standard ONNX nodes in place of rnnkern's ops.
+"""ONNX export of rnnkern.nn's LSTM, GRU, Mamba and Mamba2: standard ONNX nodes in place of rnnkern's ops.
 
 ``torch.onnx.export(model, args, dynamo=True)`` traces a model with torch.export, so each
 rnnkern op would reach the exporter as a custom op (``rnnkern::lstm_layer``) it cannot
@@ -9,7 +9,10 @@ Runtime runs as a fused kernel. ONNX's LSTM has no projection, so a layer with
 ``proj_size`` becomes a ``torch.scan`` of the cell's plain torch ops, which the exporter
 writes as an ONNX ``Scan`` (any sequence length, no unrolling).
 
-Mamba's causal convolution becomes an ONNX Conv and its selective scan an ONNX Scan.
+Mamba's and Mamba2's causal convolutions become ONNX Conv nodes, their scans an ONNX Scan
+each (static shapes): Mamba's selective scan steps every channel, Mamba-2's SSD recurrence
+every head, through one shared step (:func:`_ssm_scan`). Mamba2's gated RMSNorm is plain
+torch ops and exports as it is.
 
 Weights are reordered for ONNX at export time (plain torch ops on the parameters, folded
 into the graph): LSTM gates from torch's (i, f, g, o) to ONNX's (i, o, f, c), GRU gates
@@ -17,6 +20,7 @@ from (r, z, n) to (z, r, h), with ``linear_before_reset=1``, which is torch's GR
 reset gate multiplies ``W_hn h + b_hn``). Nodes take ONNX's default layout: time first.
 """
 import importlib
+import math
 from typing import Optional
 
 import torch
@@ -152,16 +156,62 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     Returns out ``(Bt, E, L)`` and the last state ``(Bt, E, N)``.
     """
     dt = torch.nn.functional.softplus(delta + delta_bias[:, None])  # (Bt, E, L)
-    steps = [t.permute(2, 0, 1) for t in (dt, dt * u, B, C)]  # (L, Bt, E), (L, Bt, E), (L, Bt, N), (L, Bt, N)
+    dt_t, dtu_t = (t.permute(2, 0, 1) for t in (dt, dt * u))  # (L, Bt, E) each
+    B_t, C_t = (t.permute(2, 0, 1) for t in (B, C))  # (L, Bt, N) each
     state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (Bt, E, N)
-    last, y = _scan(lambda state, step: _selective_scan_step(state, step, A), state, steps)  # y (L, Bt, E)
+    last, y = _ssm_scan(state, A, dt_t, dtu_t, B_t, C_t)  # y (L, Bt, E)
     y = y.permute(1, 2, 0) + D[:, None] * u
     return y * torch.nn.functional.silu(z), last
 
 
-def _selective_scan_step(state: Tensor, step: list, A: Tensor) -> tuple[Tensor, Tensor]:
-    """x_t = exp(dt_t A) x_{t-1} + dt_t u_t B_t, y_t = sum_n C_t x_t: state (Bt, E, N), step
-    (dt_t, dt_t u_t (Bt, E), B_t, C_t (Bt, N)) -> (x_t, y_t (Bt, E))."""
-    dt, dtu, B, C = step
-    state = torch.exp(dt[..., None] * A) * state + dtu[..., None] * B[:, None]
-    return state, (state * C[:, None]).sum(-1)
+def mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Optional[Tensor],
+                dt_bias: Tensor, dt_limit: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    """Mamba-2's SSD scan (dt_bias, softplus and dt_limit, D, the z gate when given, no initial
+    state) as one ONNX Scan over time, one step of every head at once; the recurrence of
+    :func:`rnnkern.mamba_chunk_scan`. Static shapes only, as :func:`selective_scan`.
+
+    x ``(Bt, L, H, P)``; dt ``(Bt, L, H)`` before its bias; A, dt_bias ``(H,)``; B, C
+    ``(Bt, L, G, N)`` (head h reads group h // (H / G)); D ``(H,)`` or ``(H, P)``; z like x or
+    None. Computed in A's dtype. Returns y ``(Bt, L, H, P)`` in x's dtype and the last state
+    ``(Bt, H, P, N)``.
+    """
+    acc = A.dtype
+    batch, _, heads, dim = x.shape
+    dt = torch.nn.functional.softplus(dt.to(acc) + dt_bias.to(acc))  # (Bt, L, H)
+    if tuple(dt_limit) != (0.0, math.inf):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    xs = x.to(acc)
+    B_t, C_t = (_per_head(t.to(acc), heads) for t in (B, C))  # (Bt, L, H, N) each
+    steps = (t.transpose(0, 1) for t in (dt, dt[..., None] * xs, B_t, C_t))  # time first
+    state = xs.new_zeros(batch, heads, dim, B.shape[3])  # (Bt, H, P, N)
+    last, y = _ssm_scan(state, A.to(acc), *steps)  # y (L, Bt, H, P)
+    y = y.transpose(0, 1) + (D if D.dim() == 2 else D[:, None]).to(acc) * xs
+    if z is not None:
+        y = y * torch.nn.functional.silu(z.to(acc))
+    return y.to(x.dtype), last
+
+
+def _per_head(BC: Tensor, heads: int) -> Tensor:
+    """B or C ``(Bt, L, G, N)`` -> ``(Bt, L, H, N)``, head h reading group h // (H / G)."""
+    batch, length, groups, n = BC.shape
+    return BC[:, :, :, None].expand(batch, length, groups, heads // groups, n).reshape(batch, length, heads, n)
+
+
+def _ssm_scan(state: Tensor, A: Tensor, dt: Tensor, dtx: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """The scan of both Mamba blocks as one torch.scan: s_t = exp(dt_t A) s_{t-1} + dtx_t B_t and
+    y_t = sum_n s_t C_t, for a state ``(Bt, ..., N)`` (Mamba ``(Bt, E, N)``, Mamba-2
+    ``(Bt, H, P, N)``). dt, dtx, B and C are time first: per step dt_t the state's leading
+    dimensions (A the state's without batch, or a prefix of them), dtx_t the state without
+    N, B_t and C_t the state without its next-to-last dimension. Size-one dimensions are made inside the step:
+    the exporter's size-oblivious tracing does not broadcast a scanned input's unit dimension.
+    Returns the last state and y ``(L, Bt, ...)``."""
+    return _scan(lambda state, step: _ssm_step(state, step, A), state, [dt, dtx, B, C])
+
+
+def _ssm_step(state: Tensor, step: list, A: Tensor) -> tuple[Tensor, Tensor]:
+    """One step of :func:`_ssm_scan`: state s_{t-1}, step (dt_t, dtx_t, B_t, C_t) -> (s_t, y_t)."""
+    dt, dtx, B, C = step
+    dt = dt[(...,) + (None,) * (state.dim() - dt.dim())]
+    A = A[(...,) + (None,) * (state.dim() - 1 - A.dim())]
+    state = torch.exp(dt * A) * state + dtx[..., None] * B.unsqueeze(-2)
+    return state, (state * C.unsqueeze(-2)).sum(-1)

@@ -5,7 +5,8 @@ load into :class:`Mamba2` (strict) with matching constructor arguments and give 
 outputs. The block runs :func:`rnnkern.causal_conv1d`, :func:`rnnkern.mamba_chunk_scan` and
 :func:`rnnkern.rms_norm_gated` (training, prefill) or the one-step
 :func:`rnnkern.causal_conv1d_update` and multi-head :func:`rnnkern.selective_state_update`
-(decoding).
+(decoding). Under ``torch.onnx.export`` it runs plain-torch translations instead (see
+:mod:`rnnkern.nn._onnx`).
 """
 import math
 from typing import Optional
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkern import _backends
-from rnnkern.nn import _checks
+from rnnkern.nn import _checks, _onnx
 from rnnkern.nn._ssm import (inverse_softplus_time_steps, last_columns, state_shape,
                              takes_fused_step, wide, wide_dtype)
 from rnnkern.nn._step_cache import StepCache
@@ -159,21 +160,31 @@ class Mamba2(nn.Module):
         _checks.input_tensor("Mamba2", u, (3,), "(B, L, d_model)", self.d_model, self.in_proj.weight, "d_model")
         if seq_idx is not None and cu_seqlens is None:
             raise ValueError("Mamba2: seq_idx needs cu_seqlens too (the convolution restarts at its boundaries)")
-        batch, length, _ = u.shape
+        exporting = _onnx.exporting()  # standard ONNX ops in place of rnnkern's (see _onnx)
+        if exporting and (seq_idx is not None or cu_seqlens is not None):
+            raise ValueError("Mamba2: ONNX export takes no seq_idx or cu_seqlens (packed sequences do not export)")
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xBC = xBC.transpose(1, 2)  # (B, E + 2GN, L)
         conv_state = self._conv_states(xBC, cu_seqlens) if return_states else None
-        xBC = causal_conv1d(xBC, self._conv_weight(), self.conv1d.bias, "silu", cu_seqlens=cu_seqlens,
-                            backend=self.backend).transpose(1, 2)
-        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        results = mamba_chunk_scan(
-            x.unflatten(-1, (self.nheads, self.headdim)), dt, self._A(), self._groups(B), self._groups(C),
-            self.chunk_size, D=self._D(), z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),
-            dt_bias=self.dt_bias, seq_idx=seq_idx, cu_seqlens=cu_seqlens, dt_softplus=True, dt_limit=self.dt_limit,
-            return_final_states=return_states and cu_seqlens is None,
-            return_varlen_states=return_states and cu_seqlens is not None, backend=self.backend,
-        )
-        y, ssm_state = results if return_states else (results, None)
+        if exporting:
+            xBC = _onnx.causal_conv1d_silu(xBC, self._conv_weight(), self.conv1d.bias)
+        else:
+            xBC = causal_conv1d(xBC, self._conv_weight(), self.conv1d.bias, "silu", cu_seqlens=cu_seqlens,
+                                backend=self.backend)
+        x, B, C = xBC.transpose(1, 2).split([self.d_inner, self.ngroups * self.d_state,
+                                             self.ngroups * self.d_state], dim=-1)
+        x, B, C = x.unflatten(-1, (self.nheads, self.headdim)), self._groups(B), self._groups(C)
+        gate = None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim))
+        if exporting:
+            y, ssm_state = _onnx.mamba2_scan(x, dt, self._A(), B, C, self._D(), gate, self.dt_bias, self.dt_limit)
+        else:
+            results = mamba_chunk_scan(
+                x, dt, self._A(), B, C, self.chunk_size, D=self._D(), z=gate, dt_bias=self.dt_bias,
+                seq_idx=seq_idx, cu_seqlens=cu_seqlens, dt_softplus=True, dt_limit=self.dt_limit,
+                return_final_states=return_states and cu_seqlens is None,
+                return_varlen_states=return_states and cu_seqlens is not None, backend=self.backend,
+            )
+            y, ssm_state = results if return_states else (results, None)
         out = self.out_proj(self._gate(y.flatten(-2), z))
         return out, conv_state, ssm_state
 

@@ -1,5 +1,6 @@
 """Deployment: rnnkern.nn's LSTM and GRU through torch.onnx.export(dynamo=True) run in ONNX
-Runtime with the eager outputs, as standard ONNX LSTM/GRU nodes (an ONNX Scan for proj_size);
+Runtime with the eager outputs, as standard ONNX LSTM/GRU nodes (an ONNX Scan for proj_size),
+and so do Mamba and Mamba2 (static shapes: an ONNX Conv and a Scan each);
 torch.export.export of LSTM, GRU, Mamba and Mamba2 gives the eager outputs.
 
 Small sizes (I = H = 8, T = 5, B = 2) and a chosen set of configurations that sets every
@@ -11,6 +12,7 @@ import torch
 from torch.utils import _pytree
 
 import rnnkern.nn
+from tests.conftest import perturb_parameters
 from tests.tolerances import assert_close
 
 SIZE, STEPS, BATCH = 8, 5, 2
@@ -99,12 +101,13 @@ def test_onnx_graph_holds_standard_nodes(case):
     assert not [node for node in program.model.graph if node.domain.startswith("rnnkern")]
 
 
+MAMBA2 = {"d_model": 32, "d_state": 8, "headdim": 8}  # E = 64: H = 8 heads of P = 8
 TORCH_EXPORT_MODELS = {  # id: (model factory, input shape)
     "lstm-L2-bi-proj": (lambda: rnnkern.nn.LSTM(SIZE, SIZE, num_layers=2, bidirectional=True, proj_size=4),
                         (STEPS, BATCH, SIZE)),
     "gru-bf": (lambda: rnnkern.nn.GRU(SIZE, SIZE, batch_first=True), (BATCH, STEPS, SIZE)),
     "mamba": (lambda: rnnkern.nn.Mamba(d_model=SIZE, d_state=4), (BATCH, STEPS, SIZE)),
-    "mamba2": (lambda: rnnkern.nn.Mamba2(d_model=32, d_state=8, headdim=8), (BATCH, STEPS, 32)),
+    "mamba2": (lambda: rnnkern.nn.Mamba2(**MAMBA2), (BATCH, STEPS, 32)),
 }
 
 
@@ -119,15 +122,37 @@ def test_torch_export_matches_eager(name):
             assert_close(actual, expected, torch.float32, name)
 
 
-def test_mamba_onnx_runtime_matches_eager():
-    """Mamba exports with static shapes: its causal conv as an ONNX Conv, its scan as a Scan."""
+ONNX_MAMBA_MODELS = {  # id: model factory (static shapes: input (BATCH, MAMBA_STEPS, d_model))
+    "mamba": lambda: rnnkern.nn.Mamba(d_model=SIZE, d_state=4),
+    "mamba2-rmsnorm-G2": lambda: rnnkern.nn.Mamba2(**MAMBA2, ngroups=2),
+    "mamba2-gate-G2-Dhdim-limit": lambda: rnnkern.nn.Mamba2(**MAMBA2, ngroups=2, rmsnorm=False, D_has_hdim=True,
+                                                            dt_limit=(0.0, 0.05)),
+}
+MAMBA_STEPS = 6
+
+
+@pytest.mark.parametrize("name", ONNX_MAMBA_MODELS)
+def test_mamba_onnx_runtime_matches_eager(name):
+    """Mamba and Mamba2 export with static shapes: the causal conv as an ONNX Conv, the scan as
+    a Scan, no rnnkern nodes; ONNX Runtime gives the eager output."""
     pytest.importorskip("onnxscript", reason="ONNX export with dynamo=True needs onnxscript")
     ort = pytest.importorskip("onnxruntime", reason="running the exported model needs onnxruntime")
     torch.manual_seed(0)
-    model, x = rnnkern.nn.Mamba(d_model=SIZE, d_state=4).eval(), torch.randn(BATCH, STEPS, SIZE)
+    model = ONNX_MAMBA_MODELS[name]().eval()
+    perturb_parameters(model, 1, 0.2)  # D, the norm's weight off their ones, so that a wrong use shows
+    x = torch.randn(BATCH, MAMBA_STEPS, model.d_model)
     program = torch.onnx.export(model, (x,), dynamo=True)
     assert {"Conv", "Scan"} <= {node.op_type for node in program.model.graph}
+    assert not [node for node in program.model.graph if node.domain.startswith("rnnkern")]
     session = ort.InferenceSession(program.model_proto.SerializeToString())
     (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         assert_close(torch.from_numpy(actual), model(x), torch.float32, "out")
+
+
+def test_mamba2_export_refuses_packed_sequences(monkeypatch):
+    """cu_seqlens (and seq_idx) have no ONNX translation: a clear error while exporting."""
+    monkeypatch.setattr(rnnkern.nn._onnx, "exporting", lambda: True)
+    model = rnnkern.nn.Mamba2(**MAMBA2)
+    with pytest.raises(ValueError, match="ONNX export takes no seq_idx or cu_seqlens"):
+        model(torch.randn(1, MAMBA_STEPS, 32), cu_seqlens=torch.tensor([0, 2, MAMBA_STEPS], dtype=torch.int32))
