@@ -31,9 +31,12 @@ from benchmarks.suites import ort_peer
 from benchmarks.timing import Settings, measure_together
 
 SECTION = "kernels"
-COLUMNS = speedup_columns("vs torch.nn", "speedup_vs_torch", ("vs ORT", "speedup_vs_ort"))
+COLUMNS = [*speedup_columns("vs torch.nn", "speedup_vs_torch", ("vs ORT", "speedup_vs_ort")),
+           ("KiB/token", lambda r: f"{r['bytes_per_token'] / 2**10:.0f}" if "bytes_per_token" in r else "-"),
+           ("GB/s", lambda r: f"{r['bytes_per_token'] / r['ms_median'] / 1e6:.1f}" if "bytes_per_token" in r else "-")]
 LEGEND = ("vs torch.nn, vs ORT: torch.nn's, ONNX Runtime's median / this median (above 1: rnnkern is faster);\n"
-          "onnxruntime's peak MiB is not measured (it allocates outside torch's allocator)")
+          "onnxruntime's peak MiB is not measured (it allocates outside torch's allocator); KiB/token (steps):\n"
+          "the weights a token reads once plus the state read and written; GB/s: those bytes over the median")
 
 
 @dataclass(frozen=True)
@@ -178,10 +181,19 @@ def _measure(kind: str, modules: dict[str, Any], case: Case, settings: Settings)
     timings = measure_together(runs, settings)
     baseline_ms = timings[0].median_ms
     ort_ms = dict(zip(modules, timings))["onnxruntime"].median_ms if "onnxruntime" in modules else None
+    moved = {"bytes_per_token": _step_bytes(modules["torch.nn"], case)} if case.direction == "step" else {}
     return [{**_identity(kind, name, case), **timing.as_record(), "speedup_vs_torch": baseline_ms / timing.median_ms,
-             **({} if ort_ms is None else {"speedup_vs_ort": ort_ms / timing.median_ms}),
+             **({} if ort_ms is None else {"speedup_vs_ort": ort_ms / timing.median_ms}), **moved,
              "peak_mem_bytes": None if name == "onnxruntime" else memory.peak_bytes(run, case.device)}
             for name, run, timing in zip(modules, runs, timings)]
+
+
+def _step_bytes(module: torch.nn.Module, case: Case) -> int:
+    """Bytes a one-token step moves at least: every parameter once, the state read and written."""
+    parameters = sum(p.numel() * p.element_size() for p in module.parameters())
+    states = 2 if isinstance(module, torch.nn.LSTM) else 1
+    element = torch.empty((), dtype=case.dtype).element_size()
+    return parameters + 2 * states * module.num_layers * case.batch * case.hidden * element
 
 
 def timed_call(kind: str, module, case: Case) -> Callable[[], Any]:
