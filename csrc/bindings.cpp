@@ -52,6 +52,8 @@ TORCH_LIBRARY(rnnkern_C, m) {
   m.def("lstm_step(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("gru_step(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> (Tensor, Tensor)");
+  m.def("lstm_stack_step(Tensor x, Tensor h, Tensor c, Tensor?[] weights) -> (Tensor, Tensor, Tensor)");
+  m.def("gru_stack_step(Tensor x, Tensor h, Tensor?[] weights) -> (Tensor, Tensor)");
   m.def("input_projection(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("panel_matmul(Tensor a, Tensor b) -> Tensor");
   m.def("causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, str? activation) -> Tensor");
@@ -80,6 +82,8 @@ TORCH_LIBRARY_IMPL(rnnkern_C, CPU, m) {
   m.impl("mamba_chunk_scan_bwd", &rnnkern::mamba_chunk_scan_bwd_cpu);
   m.impl("lstm_step", &rnnkern::lstm_step_cpu);
   m.impl("gru_step", &rnnkern::gru_step_cpu);
+  m.impl("lstm_stack_step", &rnnkern::lstm_stack_step_cpu);
+  m.impl("gru_stack_step", &rnnkern::gru_stack_step_cpu);
   m.impl("input_projection", &rnnkern::input_projection_cpu);
   m.impl("panel_matmul", &rnnkern::panel_matmul_cpu);
   m.impl("causal_conv1d_update", &rnnkern::causal_conv1d_update_cpu);

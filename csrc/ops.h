@@ -98,6 +98,13 @@ std::tuple<at::Tensor, at::Tensor> gru_step_cpu(
     const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh);
 
+// lstm_step / gru_step through a stack of L layers in one call: states (L, ..., H), weights
+// (w_ih, w_hh, b_ih, b_hh) per layer (biases None without bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_stack_step_cpu(
+    const at::Tensor& x, const at::Tensor& h, const at::Tensor& c, const c10::List<std::optional<at::Tensor>>& weights);
+std::tuple<at::Tensor, at::Tensor> gru_stack_step_cpu(const at::Tensor& x, const at::Tensor& h,
+                                                      const c10::List<std::optional<at::Tensor>>& weights);
+
 // One-token Mamba decode steps for fp32/fp64, the states updated in place (see
 // rnnkern/ops/causal_conv1d/reference.py and rnnkern/ops/selective_scan/reference.py); the
 // selective scan's in the multi-head form, x (B, H, P) and state (slots, H, P, N).

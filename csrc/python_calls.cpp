@@ -1,11 +1,12 @@
 // Direct Python entry points of the one-token kernels, for the modules' eager streaming calls:
-// rnnkern._C.lstm_step, gru_step, mamba_block_step, mamba2_block_step and rms_norm_gated, with
-// the arguments of the rnnkern_C ops of the same names. A torch.ops call spends about 10 us
-// parsing its arguments against the schema and dispatching, as much as a small step's whole
-// kernel; these take positional arguments, call the same kernels and bump the version
-// counters of the states they update in place, as the dispatcher's in-place handling does.
-// They record no autograd: the modules call them only with grad mode off, and the registered
-// ops otherwise. The profiler sees each under its op's name (rnnkern_C::lstm_step, ...).
+// rnnkern._C.lstm_step, gru_step, lstm_stack_step, gru_stack_step, mamba_block_step,
+// mamba2_block_step and rms_norm_gated, with the arguments of the rnnkern_C ops of the same
+// names. A torch.ops call spends about 10 us parsing its arguments against the schema and
+// dispatching, as much as a small step's whole kernel; these take positional arguments, call
+// the same kernels and bump the version counters of the states they update in place, as the
+// dispatcher's in-place handling does. They record no autograd: the modules call them only
+// with grad mode off, and the registered ops otherwise. The profiler sees each under its op's
+// name (rnnkern_C::lstm_step, ...).
 #include "python_calls.h"
 
 #include <ATen/record_function.h>
@@ -87,6 +88,27 @@ PyObject* gru_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* lstm_stack_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const char* fn = "lstm_stack_step";
+  RECORD_FUNCTION("rnnkern_C::lstm_stack_step", std::vector<c10::IValue>());
+  check_count(fn, nargs, 4);
+  auto [y, h, c] = lstm_stack_step_cpu(tensor(fn, args, 0), tensor(fn, args, 1), tensor(fn, args, 2),
+                                       tensor_list(fn, args, 3));
+  return tuple_of(std::move(y), std::move(h), std::move(c));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* gru_stack_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const char* fn = "gru_stack_step";
+  RECORD_FUNCTION("rnnkern_C::gru_stack_step", std::vector<c10::IValue>());
+  check_count(fn, nargs, 3);
+  auto [y, h] = gru_stack_step_cpu(tensor(fn, args, 0), tensor(fn, args, 1), tensor_list(fn, args, 2));
+  return tuple_of(std::move(y), std::move(h));
+  END_HANDLE_TH_ERRORS
+}
+
 // The states a block step updated in place, marked changed as the dispatcher would.
 void bump_versions(const at::Tensor& conv_state, const at::Tensor& ssm_state) {
   conv_state.unsafeGetTensorImpl()->bump_version();
@@ -145,6 +167,9 @@ constexpr PyCFunction fastcall() {
 PyMethodDef methods[] = {
     {"lstm_step", fastcall<lstm_step>(), METH_FASTCALL, "rnnkern_C::lstm_step without the dispatcher"},
     {"gru_step", fastcall<gru_step>(), METH_FASTCALL, "rnnkern_C::gru_step without the dispatcher"},
+    {"lstm_stack_step", fastcall<lstm_stack_step>(), METH_FASTCALL,
+     "rnnkern_C::lstm_stack_step without the dispatcher"},
+    {"gru_stack_step", fastcall<gru_stack_step>(), METH_FASTCALL, "rnnkern_C::gru_stack_step without the dispatcher"},
     {"mamba_block_step", fastcall<mamba_block_step>(), METH_FASTCALL,
      "rnnkern_C::mamba_block_step without the dispatcher"},
     {"mamba2_block_step", fastcall<mamba2_block_step>(), METH_FASTCALL,

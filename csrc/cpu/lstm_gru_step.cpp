@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "../math/cells.h"
 #include "../ops.h"
@@ -174,6 +175,71 @@ std::tuple<at::Tensor, at::Tensor> gru_step_cpu(
                                                         h_out.data_ptr<scalar_t>(), {}};
     at::parallel_for(0, h.size(-1), kMinUnitsPerThread, step);
   });
+  return {y, h_out};
+}
+
+// A stack of L one-direction layers, one token: layer l takes layer l - 1's output. The
+// states are (L, ..., H), layer l's at index l; `weights` holds (w_ih, w_hh, b_ih, b_hh) per
+// layer. Returns y (x's shape, last dimension H) and the new states (L, ..., H).
+namespace {
+
+const at::Tensor& stack_weight(const std::vector<std::optional<at::Tensor>>& weights, size_t index, const char* op) {
+  TORCH_CHECK(weights[index].has_value(), op, ": weight ", index, " (w_ih or w_hh of layer ", index / 4,
+              ") is required, got None");
+  return *weights[index];
+}
+
+std::vector<std::optional<at::Tensor>> stack_weights(const c10::List<std::optional<at::Tensor>>& list,
+                                                     const at::Tensor& h, const char* op) {
+  TORCH_CHECK(h.dim() >= 2, op, ": the states must have shape (L, ..., H), got ", h.sizes());
+  TORCH_CHECK(static_cast<int64_t>(list.size()) == 4 * h.size(0), op, ": expected 4 weights per layer for ",
+              h.size(0), " layers, got ", list.size());
+  return list.vec();
+}
+
+// The layer's new state into row `layer` of `stacked` (contiguous, the layer's shape).
+void put_layer(at::Tensor& stacked, int64_t layer, const at::Tensor& state) {
+  const at::Tensor source = state.contiguous();
+  const int64_t count = source.numel();
+  AT_DISPATCH_FLOATING_TYPES(source.scalar_type(), "put_layer", [&] {
+    std::copy_n(source.data_ptr<scalar_t>(), count, stacked.data_ptr<scalar_t>() + layer * count);
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_stack_step_cpu(
+    const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+    const c10::List<std::optional<at::Tensor>>& weight_list) {
+  const char* op = "lstm_stack_step";
+  const auto weights = stack_weights(weight_list, h, op);
+  cpu::check_tensor(op, "c", c, h.sizes(), h.scalar_type());
+  at::Tensor h_out = at::empty(h.sizes(), h.options()), c_out = at::empty(c.sizes(), c.options());
+  at::Tensor y = x;
+  for (int64_t layer = 0; layer < h.size(0); ++layer) {
+    auto [y_l, h_l, c_l] = lstm_step_cpu(y, h[layer], c[layer], stack_weight(weights, 4 * layer, op),
+                                         stack_weight(weights, 4 * layer + 1, op), weights[4 * layer + 2],
+                                         weights[4 * layer + 3]);
+    put_layer(h_out, layer, h_l);
+    put_layer(c_out, layer, c_l);
+    y = std::move(y_l);
+  }
+  return {y, h_out, c_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_stack_step_cpu(const at::Tensor& x, const at::Tensor& h,
+                                                      const c10::List<std::optional<at::Tensor>>& weight_list) {
+  const char* op = "gru_stack_step";
+  const auto weights = stack_weights(weight_list, h, op);
+  at::Tensor h_out = at::empty(h.sizes(), h.options());
+  at::Tensor y = x;
+  for (int64_t layer = 0; layer < h.size(0); ++layer) {
+    auto [y_l, h_l] = gru_step_cpu(y, h[layer], stack_weight(weights, 4 * layer, op),
+                                   stack_weight(weights, 4 * layer + 1, op), weights[4 * layer + 2],
+                                   weights[4 * layer + 3]);
+    put_layer(h_out, layer, h_l);
+    y = std::move(y_l);
+  }
   return {y, h_out};
 }
 

@@ -20,8 +20,8 @@ from rnnkern.nn import _checks, _onnx, _packed
 from rnnkern.nn._params import PARAMETER_NAMES, reset_uniform
 from rnnkern.nn._step_cache import StepCache
 from rnnkern.ops._sequences import streaming_step
-from rnnkern.ops.gru import GRU_STEP, gru_layer
-from rnnkern.ops.lstm import LSTM_STEP, lstm_layer
+from rnnkern.ops.gru import GRU_STACK_STEP, GRU_STEP, gru_layer
+from rnnkern.ops.lstm import LSTM_STACK_STEP, LSTM_STEP, lstm_layer
 
 __all__ = ["LSTM", "GRU"]
 
@@ -32,10 +32,11 @@ class _Recurrent(nn.Module):
     """A stack of ``num_layers`` recurrent layers, each in one or two directions.
 
     Subclasses set ``_gates`` (gate blocks per hidden unit), ``_state_names`` (the tensors of
-    hx, as errors name them) and ``_step_op`` (the registry entry of the layer op's one-token
-    kernel), and implement ``_layer`` (one functional layer call), ``_onnx_layer`` (one layer, every
-    direction, as ONNX export writes it), ``_state_tensors`` (hx to a tuple of tensors),
-    ``_state_sizes`` and ``_hidden_output`` (final states to the returned hx).
+    hx, as errors name them), ``_step_op`` and ``_stack_step_op`` (the registry entries of the
+    one-token kernels of a layer and of a stack of layers), and implement ``_layer`` (one
+    functional layer call), ``_onnx_layer`` (one layer, every direction, as ONNX export writes
+    it), ``_state_tensors`` (hx to a tuple of tensors), ``_state_sizes`` and ``_hidden_output``
+    (final states to the returned hx).
     """
 
     _gates: int
@@ -166,7 +167,7 @@ class _Recurrent(nn.Module):
         states = self._step_states(hx, input, batch)
         if states is None:
             return None
-        result = streaming_step(self._step_op, self.backend, input, states, weights)
+        result = streaming_step(self._step_op, self._stack_step_op, self.backend, input, states, weights)
         if result is None:
             return None
         y, *finals = result  # y like input, finals (L, B, size) each
@@ -286,7 +287,7 @@ class LSTM(_Recurrent):
     """
 
     _gates, _state_names = 4, ("hx[0] (h_0)", "hx[1] (c_0)")
-    _step_op = LSTM_STEP
+    _step_op, _stack_step_op = LSTM_STEP, LSTM_STACK_STEP
 
     def _layer(self, x, state, weights, lengths, reverse):
         y, (h, c) = lstm_layer(x, state, **weights, lengths=lengths, reverse=reverse, backend=self.backend)
@@ -332,7 +333,7 @@ class GRU(_Recurrent):
     """
 
     _gates, _state_names = 3, ("hx (h_0)",)
-    _step_op = GRU_STEP
+    _step_op, _stack_step_op = GRU_STEP, GRU_STACK_STEP
 
     def __init__(
         self,

@@ -83,11 +83,13 @@ def step_kernel_applies(batch: int, training: bool) -> bool:
     return not training and batch <= STEP_KERNEL_MAX_BATCH and not torch.compiler.is_compiling()
 
 
-def streaming_step(step_op: _backends.Op, backend: Optional[str], x: Tensor, states: tuple, layers: list):
+def streaming_step(step_op: _backends.Op, stack_op: _backends.Op, backend: Optional[str], x: Tensor, states: tuple,
+                   layers: list):
     """One token for each of B rows through a stack of layers on the cpu backend's one-token
-    kernel of the Op `step_op`, for the modules' streaming calls: x (1, B, I) or (B, 1, I) and
-    states (L, B, H) as the module has them (the kernel keeps their leading dimensions), `layers`
-    one (w_ih, w_hh, b_ih, b_hh) per layer. It runs where the layer op would take the same
+    kernel of the Op `step_op` (one layer) or `stack_op` (every layer in one call), for the
+    modules' streaming calls: x (1, B, I) or (B, 1, I) and states (L, B, H) as the module has
+    them (the kernel keeps their leading dimensions), `layers` one (w_ih, w_hh, b_ih, b_hh) per
+    layer. It runs where the layer op would take the same
     kernel: the module's `backend` (or RNNKERN_BACKEND) leaves the cpu backend chosen, the cpu
     backend has the kernel for x's dtype, and step_kernel_applies; all are checked once for the
     whole stack. There are no Python shape checks: the kernel checks shapes and dtypes against
@@ -98,11 +100,6 @@ def streaming_step(step_op: _backends.Op, backend: Optional[str], x: Tensor, sta
     recorded = torch.is_grad_enabled() and _checks.keeps_grad((x, *states, *(w for layer in layers for w in layer)))
     if not step_kernel_applies(states[0].shape[1], recorded):
         return None
-    step = _backends.step_kernel(step_op)
-    if len(layers) == 1:  # the states as they are, no stacking of the finals
-        return step(x, *states, *layers[0])
-    y, finals = x, []
-    for layer, layer_weights in enumerate(layers):
-        y, *layer_finals = step(y, *(state[layer : layer + 1] for state in states), *layer_weights)  # (1, B, H)
-        finals.append(layer_finals)
-    return (y, *(torch.cat(parts) for parts in zip(*finals)))
+    if len(layers) == 1:  # the states as they are
+        return _backends.step_kernel(step_op)(x, *states, *layers[0])
+    return _backends.step_kernel(stack_op)(x, *states, [w for layer in layers for w in layer])

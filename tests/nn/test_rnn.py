@@ -318,9 +318,10 @@ def test_streaming_call_sees_a_replaced_weight(mode):
 @pytest.mark.parametrize("mode,device,backend", CPU_LAYERS)
 def test_streaming_call_takes_the_step_kernel(mode, device, backend, dtype, batch_first, with_hx, bias, num_layers,
                                               monkeypatch):
-    """A one-token call of a one-direction module goes straight to the step kernel, layer by
-    layer (the module's streaming fast path, not the generic layer loop), and returns what
-    torch.nn returns, in torch.nn's shapes; with dropout between layers in eval mode too."""
+    """A one-token call of a one-direction module goes straight to the step kernel, one call
+    for a stack of layers (the module's streaming fast path, not the generic layer loop), and
+    returns what torch.nn returns, in torch.nn's shapes; with dropout between layers in eval
+    mode too."""
     expected, actual = make_pair(mode, device, backend, dtype=dtype, batch_first=batch_first, bias=bias,
                                  num_layers=num_layers, dropout=0.5 if num_layers > 1 else 0.0)
     expected.eval()
@@ -333,7 +334,8 @@ def test_streaming_call_takes_the_step_kernel(mode, device, backend, dtype, batc
         hx = tuple(states) if mode == "lstm" else states[0]
     with torch.no_grad():
         want_y, want_states = expected(x, hx)
-        assert ran_op(f"rnnkern_C::{mode}_step", lambda: actual(x, hx))
+        kernel = f"rnnkern_C::{mode}_step" if num_layers == 1 else f"rnnkern_C::{mode}_stack_step"  # one call
+        assert ran_op(kernel, lambda: actual(x, hx))
         got_y, got_states = actual(x, hx)
     assert_close(got_y, want_y, dtype, "output")
     if mode == "gru":

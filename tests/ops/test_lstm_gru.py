@@ -581,3 +581,17 @@ def test_shared_memory_per_block_without_the_attribute(optin, monkeypatch):
         assert _triton._cuda_shared_memory_per_block(0) == (optin or 99 * 1024)
     finally:
         _triton._cuda_shared_memory_per_block.cache_clear()
+
+
+@pytest.mark.parametrize("spoil,match", [
+    (lambda w: w[:7], "expected 4 weights per layer for 2 layers, got 7"),
+    (lambda w: w[:5] + [None] + w[6:], r"weight 5 \(w_ih or w_hh of layer 1\) is required, got None"),
+], ids=["count", "missing-w_hh"])
+def test_stack_step_weights_are_checked(spoil, match):
+    import rnnkern._C
+    lstm = rnnkern.nn.LSTM(8, 8, num_layers=2).eval()
+    weights = [getattr(lstm, f"{name}_l{layer}") for layer in range(2)
+               for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    x, h = torch.randn(1, 3, 8), torch.zeros(2, 3, 8)
+    with pytest.raises(RuntimeError, match="lstm_stack_step: " + match):
+        rnnkern._C.lstm_stack_step(x, h, h, spoil(weights))

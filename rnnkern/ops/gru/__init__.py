@@ -16,6 +16,7 @@ __all__ = ["gru_layer", "gru_cell"]
 GRU_LAYER = _backends.sequence_op("gru_layer", __name__)
 # The one-token kernel gru_layer takes for T = 1 without autograd (see _sequences.takes_step_kernel).
 GRU_STEP = _backends.step_op("gru_step")
+GRU_STACK_STEP = _backends.step_op("gru_stack_step")  # gru_step through every layer in one call
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ __all__ = ["lstm_layer", "lstm_cell"]
 LSTM_LAYER = _backends.sequence_op("lstm_layer", __name__)
 # The one-token kernel lstm_layer takes for T = 1 without autograd (see _sequences.takes_step_kernel).
 LSTM_STEP = _backends.step_op("lstm_step")
+LSTM_STACK_STEP = _backends.step_op("lstm_stack_step")  # lstm_step through every layer in one call
 
 
 # ---------------------------------------------------------------------------------------
