@@ -26,10 +26,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-# torch.scan: the prototype higher-order op, public under torch._higher_order_ops (2.11, 2.13)
-_scan = importlib.import_module("torch._higher_order_ops.scan").scan
-
 Weights = dict[str, Tensor]  # one direction's parameters by op argument: w_ih, w_hh, b_ih, b_hh, w_hr
+
+
+def _scan(*args):
+    """torch.scan, the prototype higher-order op under torch._higher_order_ops (2.11, 2.13),
+    imported when an export needs it: ``import rnnkern`` does not depend on it."""
+    return importlib.import_module("torch._higher_order_ops.scan").scan(*args)
 
 
 def exporting() -> bool:
