@@ -52,6 +52,8 @@ class Op:
     def function(self, backend: str, name: str) -> Callable:
         """The kernel `name` (one of `functions`) of `backend`."""
         source = self.kernels[backend]
+        if source == COMPILED:
+            importlib.import_module("rnnkern._C")  # registers the rnnkern_C ops (loaded once)
         namespace = torch.ops.rnnkern_C if source == COMPILED else importlib.import_module(source)
         function = getattr(namespace, name)
         return _on_inputs_device(function) if backend == "triton" else function

@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnkern import _backends
 from rnnkern.nn import _checks, _onnx
 from rnnkern.nn._ssm import (inverse_softplus_time_steps, last_columns, state_shape,
                              takes_fused_step, wide, wide_dtype)
 from rnnkern.nn._step_cache import StepCache
 from rnnkern.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
-from rnnkern.ops.mamba_block_step import MAMBA_BLOCK_STEP
+from rnnkern.ops.mamba_block_step import MAMBA_BLOCK_STEP, cpu_mamba_block_step
 from rnnkern.ops.selective_scan import selective_scan, selective_state_update
 
 __all__ = ["Mamba"]
@@ -200,8 +199,7 @@ class Mamba(nn.Module):
         if parameters is not None and takes_fused_step(MAMBA_BLOCK_STEP, self.backend, hidden_states, conv_state,
                                                        ssm_state, self._step_state_sizes, parameters[0].dtype,
                                                        self.d_model):
-            step = _backends.step_kernel(MAMBA_BLOCK_STEP)
-            return step(hidden_states, conv_state, ssm_state, parameters), conv_state, ssm_state
+            return cpu_mamba_block_step(hidden_states, conv_state, ssm_state, parameters), conv_state, ssm_state
         _checks.input_tensor(
             "Mamba", hidden_states, (3,), "(B, 1, d_model)", self.d_model, self.in_proj.weight, "d_model"
         )

@@ -15,14 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnkern import _backends
 from rnnkern.nn import _checks, _onnx
 from rnnkern.nn._ssm import (inverse_softplus_time_steps, last_columns, state_shape,
                              takes_fused_step, wide, wide_dtype)
 from rnnkern.nn._step_cache import StepCache
 from rnnkern.nn.norm import RMSNormGated
 from rnnkern.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
-from rnnkern.ops.mamba_block_step import MAMBA2_BLOCK_STEP
+from rnnkern.ops.mamba_block_step import MAMBA2_BLOCK_STEP, cpu_mamba2_block_step
 from rnnkern.ops.mamba_chunk_scan import mamba_chunk_scan
 from rnnkern.ops.selective_scan import selective_state_update
 
@@ -216,9 +215,8 @@ class Mamba2(nn.Module):
         parameters = self._step_parameters.get(self._collect_step_parameters, self.A_log)
         if parameters is not None and takes_fused_step(MAMBA2_BLOCK_STEP, self.backend, u, conv_state, ssm_state,
                                                        self._step_state_sizes, parameters[0].dtype, self.d_model):
-            step = _backends.step_kernel(MAMBA2_BLOCK_STEP)
-            y = step(u, conv_state, ssm_state, parameters, self.d_inner // self.ngroups, self.norm_before_gate,
-                     self.norm.eps if self.rmsnorm else 0.0, *self.dt_limit)
+            y = cpu_mamba2_block_step(u, conv_state, ssm_state, parameters, self.d_inner // self.ngroups,
+                                      self.norm_before_gate, self.norm.eps if self.rmsnorm else 0.0, *self.dt_limit)
             return y, conv_state, ssm_state
         _checks.input_tensor("Mamba2", u, (3,), "(B, 1, d_model)", self.d_model, self.in_proj.weight, "d_model")
         batch = u.shape[0]

@@ -139,3 +139,26 @@ def test_mamba_block_step_softplus_over_its_whole_range():
     with torch.no_grad():
         block.dt_proj.bias.copy_(torch.linspace(-25, 25, block.d_inner))
         run_both(mamba_block_step, torch.randn(2, 1, 16), random_states(block, 2, 0), mamba_parameters(block))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_registered_ops_pass_opcheck_and_compile(backend):
+    """The torch.library ops torch.compile sees: opcheck (schema, mutations, fake tensors), and
+    a fullgraph compile of the public functions giving the eager results."""
+    from rnnkern.ops.mamba_block_step import _mamba2_block_step_op, _mamba_block_step_op
+    mamba, mamba2 = rnnkern.nn.Mamba(d_model=16, d_state=4), rnnkern.nn.Mamba2(d_model=32, d_state=8, headdim=16)
+    u = torch.randn(2, 1, 16)
+    def detached(parameters):
+        return [p if p is None else p.detach() for p in parameters]
+
+    cases = [(_mamba_block_step_op, mamba_block_step, mamba, u, detached(mamba_parameters(mamba)), ()),
+             (_mamba2_block_step_op, mamba2_block_step, mamba2, torch.randn(2, 1, 32),
+              detached(mamba2_parameters(mamba2)), (64, False, 1e-5, 0.0, math.inf))]
+    for op, public, block, x, parameters, settings in cases:
+        torch.library.opcheck(op, (x, *random_states(block, 2, 0), parameters, *settings, backend))
+        compiled = torch.compile(lambda *args: public(*args, backend=backend), fullgraph=True)
+        eager_states, compiled_states = random_states(block, 2, 1), random_states(block, 2, 1)
+        expected = public(x, *eager_states, parameters, *settings, backend=backend)
+        assert_close(compiled(x, *compiled_states, parameters, *settings), expected, torch.float32, "out")
+        for state, eager in zip(compiled_states, eager_states):
+            assert_close(state, eager, torch.float32, "state")
