@@ -104,9 +104,9 @@ def measure_together(runs: Sequence[Callable], settings: Settings,
 
     Each callable is warmed up settings.warmup times. Then in each of settings.repeats rounds
     every callable takes a turn, round r starting from callable r mod len(runs). A turn is
-    the consecutive calls that fill about TURN_MS (at least one, by the last warmup call's
-    time), each timed alone: a call of a tenth of a millisecond is timed after calls of its
-    own, with its weights in cache, not right after another callable's.
+    the consecutive calls that fill about TURN_MS (at least one), each timed alone: a call of
+    a tenth of a millisecond is timed after calls of its own, with its weights in cache, not
+    right after another callable's.
     """
     setups = [None] * len(runs) if setups is None else list(setups)
     if len(setups) != len(runs):
@@ -124,11 +124,17 @@ def measure_together(runs: Sequence[Callable], settings: Settings,
 
 
 def _calls_per_turn(run: Callable, setup: Setup, settings: Settings) -> int:
-    """Warms `run` up; returns how many of its calls fill a turn of TURN_MS."""
-    last_ms = TURN_MS
+    """Warms `run` up, then counts how many of its calls fill a turn of TURN_MS (at least one).
+    (Counted, not inferred from one warmup call: with --quick's single warmup that call is the
+    first, which builds caches, and a 50 us step took 20 times longer; its turns came out a
+    tenth of the intended length, so the cold calls after a switch weighed on the median.)"""
     for _ in range(settings.warmup):
-        last_ms = _time_once(run, arguments(setup), settings.device)
-    return max(1, int(TURN_MS / max(last_ms, 1e-3)))
+        _time_once(run, arguments(setup), settings.device)
+    calls, spent_ms = 0, 0.0
+    while calls == 0 or spent_ms < TURN_MS:
+        spent_ms += _time_once(run, arguments(setup), settings.device)
+        calls += 1
+    return calls
 
 
 def release_freed_memory() -> None:

@@ -148,7 +148,23 @@ def select(op: Op, device: torch.device, dtype: torch.dtype, requested: Optional
 
 def _requested(requested: Optional[str]) -> Optional[str]:
     """The backend a call forces: its own `requested`, else RNNKERN_BACKEND, else None."""
-    return requested or os.environ.get("RNNKERN_BACKEND") or None
+    return requested or _environment_backend()
+
+
+# os.environ.get of an unset variable costs about a microsecond (Mapping.get raises and catches
+# a KeyError), which a one-token step pays on every call. CPython's os.environ keeps the
+# variables, encoded, in the dict `_data` that each of its writes and deletions updates, so
+# reading that dict sees what os.environ.get would.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_BACKEND_VARIABLE = "RNNKERN_BACKEND"
+_BACKEND_KEY = os.environ.encodekey(_BACKEND_VARIABLE) if hasattr(os.environ, "encodekey") else None
+
+
+def _environment_backend() -> Optional[str]:
+    if not isinstance(_ENVIRON_DATA, dict) or _BACKEND_KEY is None:
+        return os.environ.get(_BACKEND_VARIABLE) or None
+    value = _ENVIRON_DATA.get(_BACKEND_KEY)
+    return os.environ.decodevalue(value) if value else None
 
 
 _CPU = torch.device("cpu")

@@ -8,6 +8,7 @@ been replaced: setattr, a parametrization, ``load_state_dict(assign=True)``.
 from typing import Callable, Optional
 
 from torch import Tensor
+from torch.nn import Module
 from torch.nn.modules.module import register_module_module_registration_hook, register_module_parameter_registration_hook
 
 _registrations = 0
@@ -20,6 +21,14 @@ def _count_registration(*_) -> None:
 
 register_module_parameter_registration_hook(_count_registration)
 register_module_module_registration_hook(_count_registration)
+
+
+def registered_or_attribute(module: Module, name: str) -> Tensor:
+    """module.<name>: the registered parameter itself when there is one (a dict read, where the
+    attribute costs nn.Module.__getattr__'s lookups), else the attribute (a parametrization's
+    value, say)."""
+    parameter = module._parameters.get(name)
+    return getattr(module, name) if parameter is None else parameter
 
 
 class StepCache:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from rnnkern.nn import _checks, _onnx
 from rnnkern.nn._ssm import (inverse_softplus_time_steps, last_columns, state_shape,
                              takes_fused_step, wide, wide_dtype)
-from rnnkern.nn._step_cache import StepCache
+from rnnkern.nn._step_cache import StepCache, registered_or_attribute
 from rnnkern.nn.norm import RMSNormGated
 from rnnkern.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from rnnkern.ops.mamba_block_step import MAMBA2_BLOCK_STEP, cpu_mamba2_block_step
@@ -212,7 +212,8 @@ class Mamba2(nn.Module):
         (:func:`rnnkern.ops.mamba_block_step.mamba2_block_step`), with A = -exp(A_log) kept
         between tokens until a parameter changes; elsewhere it runs the one-step ops.
         """
-        parameters = self._step_parameters.get(self._collect_step_parameters, self.A_log)
+        A_log = registered_or_attribute(self, "A_log")
+        parameters = self._step_parameters.get(self._collect_step_parameters, A_log)
         if parameters is not None and takes_fused_step(MAMBA2_BLOCK_STEP, self.backend, u, conv_state, ssm_state,
                                                        self._step_state_sizes, parameters[0].dtype, self.d_model):
             y = cpu_mamba2_block_step(u, conv_state, ssm_state, parameters, self.d_inner // self.ngroups,

@@ -69,6 +69,30 @@ def test_mamba_block_step_matches_reference(case, dtype):
                      mamba_parameters(block))
 
 
+@pytest.fixture
+def thread_count(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+# The kernels' phases split into chunks per thread (csrc/cpu/phases.h); at the blocks' default
+# sizes each phase has several chunks, and one thread runs them all in turn.
+@pytest.mark.parametrize("thread_count", [1, 2], indirect=True, ids=lambda n: f"{n}-threads")
+@pytest.mark.parametrize("block_type", [rnnkern.nn.Mamba, rnnkern.nn.Mamba2], ids=lambda t: t.__name__)
+def test_block_steps_at_default_sizes_on_any_thread_count(block_type, thread_count):
+    block = block_type(d_model=256)
+    perturb_parameters(block, seed=5, scale=0.1)
+    u = torch.randn(4, 1, 256, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        if block_type is rnnkern.nn.Mamba:
+            run_both(mamba_block_step, u, random_states(block, 4, 0), mamba_parameters(block))
+        else:
+            norm = (block.d_inner // block.ngroups, block.norm_before_gate, 1e-5, *block.dt_limit)
+            run_both(mamba2_block_step, u, random_states(block, 4, 0), mamba2_parameters(block), *norm)
+
+
 def test_mamba_block_step_takes_rows_without_a_time_dimension():
     block = rnnkern.nn.Mamba(d_model=16, d_state=4)
     with torch.no_grad():
