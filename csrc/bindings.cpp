@@ -18,8 +18,14 @@ TORCH_LIBRARY(rnnkern_C, m) {
       "linear_scan_fwd(Tensor a, Tensor b, Tensor? initial_state, Tensor? cu_seqlens, "
       "bool reverse) -> (Tensor, Tensor)");
   m.def(
+      "linear_scan_fwd_out(Tensor a, Tensor b, Tensor? initial_state, Tensor? cu_seqlens, "
+      "bool reverse, Tensor(a!) out) -> Tensor");
+  m.def(
       "linear_scan_bwd(Tensor a, Tensor h, Tensor? initial_state, Tensor grad_h, "
       "Tensor? grad_final, Tensor? cu_seqlens, bool reverse) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_scan_bwd_out(Tensor a, Tensor h, Tensor? initial_state, Tensor grad_h, Tensor? grad_final, "
+      "Tensor? cu_seqlens, bool reverse, Tensor(a!) grad_a, Tensor(b!) grad_b) -> Tensor");
   m.def(
       "lstm_layer_fwd(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
       "bool training) "
@@ -71,7 +77,9 @@ TORCH_LIBRARY(rnnkern_C, m) {
 
 TORCH_LIBRARY_IMPL(rnnkern_C, CPU, m) {
   m.impl("linear_scan_fwd", &rnnkern::linear_scan_fwd_cpu);
+  m.impl("linear_scan_fwd_out", &rnnkern::linear_scan_fwd_out_cpu);
   m.impl("linear_scan_bwd", &rnnkern::linear_scan_bwd_cpu);
+  m.impl("linear_scan_bwd_out", &rnnkern::linear_scan_bwd_out_cpu);
   m.impl("lstm_layer_fwd", &rnnkern::lstm_layer_fwd_cpu);
   m.impl("lstm_layer_bwd", &rnnkern::lstm_layer_bwd_cpu);
   m.impl("gru_layer_fwd", &rnnkern::gru_layer_fwd_cpu);

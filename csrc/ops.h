@@ -16,10 +16,23 @@ std::tuple<at::Tensor, at::Tensor> linear_scan_fwd_cpu(
     const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& cu_seqlens, bool reverse);
 
+// linear_scan_fwd with h written into `out` (B, T, D), a's dtype; returns the final state.
+at::Tensor linear_scan_fwd_out_cpu(const at::Tensor& a, const at::Tensor& b,
+                                   const std::optional<at::Tensor>& initial_state,
+                                   const std::optional<at::Tensor>& cu_seqlens, bool reverse, at::Tensor& out);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd_cpu(
     const at::Tensor& a, const at::Tensor& h, const std::optional<at::Tensor>& initial_state,
     const at::Tensor& grad_h, const std::optional<at::Tensor>& grad_final,
     const std::optional<at::Tensor>& cu_seqlens, bool reverse);
+
+// linear_scan_bwd with grad_a, grad_b written into the given (B, T, D) buffers (unit stride
+// along D); returns grad_initial. For callers that keep their gradient buffers between calls.
+at::Tensor linear_scan_bwd_out_cpu(const at::Tensor& a, const at::Tensor& h,
+                                   const std::optional<at::Tensor>& initial_state, const at::Tensor& grad_h,
+                                   const std::optional<at::Tensor>& grad_final,
+                                   const std::optional<at::Tensor>& cu_seqlens, bool reverse, at::Tensor& grad_a,
+                                   at::Tensor& grad_b);
 
 // LSTM recurrence over gx = x W_ih^T + biases (B, T, 4H), optionally projected by w_hr (see
 // rnnkern/ops/lstm/reference.py for the exact contract).

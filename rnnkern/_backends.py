@@ -178,10 +178,10 @@ def step_op(name: str) -> Op:
     return Op(name, functions=(name,), kernels={"cpu": COMPILED}, dtypes={"cpu": STEP_DTYPES})
 
 
-def sequence_op(name: str, package: str) -> Op:
-    """The Op of a sequence op `name` implemented on every backend: `{name}_fwd` and `{name}_bwd`
-    in `package`.reference, rnnkern._C and `package`.triton."""
-    return Op(name, functions=(f"{name}_fwd", f"{name}_bwd"),
+def sequence_op(name: str, package: str, extra: tuple[str, ...] = ()) -> Op:
+    """The Op of a sequence op `name` implemented on every backend: `{name}_fwd`, `{name}_bwd`
+    and the `extra` functions in `package`.reference, rnnkern._C and `package`.triton."""
+    return Op(name, functions=(f"{name}_fwd", f"{name}_bwd", *extra),
               kernels={"reference": f"{package}.reference", "cpu": COMPILED, "triton": f"{package}.triton"},
               dtypes={"triton": TRITON_DTYPES})
 

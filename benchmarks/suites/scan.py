@@ -14,8 +14,9 @@ accelerated-scan and flash-linear-attention's HGRN scan when installed; see peer
                  full bandwidth sits near 1.25x this floor, not 1x.
   ...(out=)      the same floors writing into a preallocated tensor. The kernels allocate
                  their outputs, so the floors above do too; on CPU a fresh large tensor
-                 costs a page fault per 4 KiB page, and the gap between a floor and its
-                 out= twin is that allocation cost.
+                 costs a page fault per page, and the gap between a floor and its out=
+                 twin is that allocation cost. linear_scan(out=) is the forward writing
+                 into the same preallocated tensor, against torch.add(out=).
   torch_loop     ``h = a_t * h + b_t`` for each t in plain PyTorch, at the same shape, with
                  the outputs stacked into (B, T, D); its backward is autograd through that
                  loop, with the graph built outside the timer. The loop steps over
@@ -152,7 +153,13 @@ def forward_benches(inputs: Inputs, backends: list[str]) -> list[Bench]:
               "rnnkern.linear_scan(a, b)")
         for name in backends
     ]
-    return baselines + kernels
+    into_out = [
+        Bench("linear_scan(out=)", name, "fwd", functools.partial(rnnkern.linear_scan, a, b, out=inputs.out,
+                                                                   backend=name), 3,
+              "rnnkern.linear_scan(a, b, out=preallocated)")
+        for name in backends
+    ]
+    return baselines + kernels + into_out
 
 
 def peer_benches(inputs: Inputs) -> list[Bench]:

@@ -5,8 +5,9 @@
 //   y_t = C_t . x_t + D_d u_t,        out_t = y_t * silu(z_t)  (when z is given)
 //
 // Forward: one task per (sequence, channel) pair; the task keeps the channel's N state
-// values in a small array, walks the sequence in time order with the discretisation fused
-// into the step, and, when training, stores the state before every kChunk-th step.
+// values in a small array and walks the sequence in time order, kChunk steps at a time: the
+// chunk's discretisation first, vectorised, then its steps; when training, it stores the
+// state before every chunk.
 //
 // Backward: tasks own (sequence, group, block of the group's channels), so the gradients of
 // B and C, summed over a group's channels, need no atomics. Each task walks the chunks from
@@ -30,6 +31,7 @@
 
 #include "../math/activations.h"
 #include "../ops.h"
+#include "gemv.h"
 #include "row_groups.h"
 #include "tensor_args.h"
 #include "vectorized.h"
@@ -129,6 +131,17 @@ struct ScanInputs {
   acc_t bias(int64_t d) const { return delta_bias ? delta_bias[d] : acc_t(0); }
 };
 
+// The forward's per-task scratch for kChunk steps of one channel (N states).
+template <typename acc_t>
+struct ForwardScratch {
+  std::vector<acc_t> dt, drive, gate;  // (kChunk,): delta', delta' u, silu(z) (1 without z)
+  std::vector<acc_t> decay, readout;   // (kChunk, N): exp(delta' A), C_t * x_t
+  std::vector<acc_t> y, ones;          // (kChunk,): C_t . x_t; (N,): ones
+
+  explicit ForwardScratch(int64_t n)
+      : dt(kChunk), drive(kChunk), gate(kChunk), decay(kChunk * n), readout(kChunk * n), y(kChunk), ones(n, 1) {}
+};
+
 template <typename scalar_t, typename acc_t>
 struct ScanForward {
   int64_t dim, length, state_size;  // Dm, L, N
@@ -138,41 +151,81 @@ struct ScanForward {
   acc_t* last_state;                 // (Bt | S, Dm, N)
   acc_t* checkpoints;                // (Bt, Dm, chunks, N), or null when not training
 
-  // Channel d of row b through every step; x: scratch for its N state values.
-  RNNKERN_VECTORIZED void run(int64_t b, int64_t d, acc_t* __restrict x) const {
+  // Channel d of row b through every step, kChunk steps at a time: first the chunk's
+  // discretisation, vectorised along time (delta', the gate) and along (time, N) (the
+  // decays), then the recurrence, the only part that must go step by step, and last the
+  // read-out C_t . x_t of every step as one product (project_rows: a sum over N inside the
+  // step loop left GCC a lane-by-lane reduction per step). x: scratch for the N states.
+  RNNKERN_VECTORIZED void run(int64_t b, int64_t d, acc_t* __restrict x, ForwardScratch<acc_t>& scratch) const {
     const int64_t N = state_size, row = b * dim + d;
     // x_{-1}: row b's initial state, zeros when packed (step 0 starts a sequence)
     std::copy_n(seqs.index ? seqs.zeros : seqs.initial(b, d), N, x);
-    const acc_t* __restrict a_row = in.A + d * N;
     const acc_t* b_row = in.B.channel(b, d);
     const acc_t* c_row = in.C.channel(b, d);
-    const acc_t skip = in.skip(d), bias = in.bias(d);
+    const acc_t skip = in.skip(d);
     const scalar_t* u_row = in.u + row * length;
-    const scalar_t* delta_row = in.delta + row * length;
     scalar_t* out_row = out + row * length;
-    for (int64_t t = 0; t < length; ++t) {
-      if (checkpoints && t % kChunk == 0) {
-        std::copy_n(x, N, checkpoints + (row * num_chunks(length) + t / kChunk) * N);
+    for (int64_t t0 = 0; t0 < length; t0 += kChunk) {
+      const int64_t steps = std::min(kChunk, length - t0);
+      discretise(row, d, t0, steps, scratch);
+      if (checkpoints) std::copy_n(x, N, checkpoints + (row * num_chunks(length) + t0 / kChunk) * N);
+      for (int64_t s = 0; s < steps; ++s) {
+        const int64_t t = t0 + s;
+        if (seqs.index && seqs.starts(t)) std::copy_n(seqs.initial(seqs.of(b, t), d), N, x);
+        const acc_t* __restrict decay = scratch.decay.data() + s * N;
+        const acc_t* __restrict b_t = b_row + t * in.B.time_stride;
+        const acc_t* __restrict c_t = c_row + t * in.C.time_stride;
+        acc_t* __restrict readout = scratch.readout.data() + s * N;
+        const acc_t drive = scratch.drive[s];
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) {
+          x[n] = decay[n] * x[n] + drive * b_t[n];
+          readout[n] = c_t[n] * x[n];
+        }
+        if (seqs.ends(t)) std::copy_n(x, N, last_state + seqs.row(seqs.of(b, t), d));
       }
-      if (seqs.index && seqs.starts(t)) std::copy_n(seqs.initial(seqs.of(b, t), d), N, x);
-      const acc_t dt = step_size(static_cast<acc_t>(delta_row[t]), bias, in.softplus);
-      const acc_t u_t = static_cast<acc_t>(u_row[t]);
-      const acc_t dt_u = dt * u_t;
-      const acc_t* __restrict b_t = b_row + t * in.B.time_stride;
-      const acc_t* __restrict c_t = c_row + t * in.C.time_stride;
-      acc_t y = 0;
-#pragma omp simd reduction(+ : y)
-      for (int64_t n = 0; n < N; ++n) {
-        x[n] = math::exp(dt * a_row[n]) * x[n] + dt_u * b_t[n];
-        y += c_t[n] * x[n];
+      cpu::project_rows(scratch.readout.data(), N, 0, steps, nullptr, scratch.ones.data(), N, 1, scratch.y.data(),
+                        steps);  // y_t = sum over N of C_t * x_t
+      const acc_t* __restrict y = scratch.y.data();
+      const acc_t* __restrict gate = scratch.gate.data();
+#pragma omp simd
+      for (int64_t s = 0; s < steps; ++s) {
+        out_row[t0 + s] = static_cast<scalar_t>((y[s] + skip * static_cast<acc_t>(u_row[t0 + s])) * gate[s]);
       }
-      y += skip * u_t;
-      if (in.z) {
-        const acc_t z_t = static_cast<acc_t>(in.z[row * length + t]);
-        y *= math::silu(z_t);
-      }
-      out_row[t] = static_cast<scalar_t>(y);
-      if (seqs.ends(t)) std::copy_n(x, N, last_state + seqs.row(seqs.of(b, t), d));
+    }
+  }
+
+  // Steps [t0, t0 + steps) of channel d (row `row`): delta', delta' u, the gate, exp(delta' A).
+  RNNKERN_VECTORIZED void discretise(int64_t row, int64_t d, int64_t t0, int64_t steps,
+                                     ForwardScratch<acc_t>& scratch) const {
+    const int64_t N = state_size;
+    const scalar_t* __restrict delta = in.delta + row * length + t0;
+    const scalar_t* __restrict u = in.u + row * length + t0;
+    acc_t* __restrict dt = scratch.dt.data();
+    acc_t* __restrict drive = scratch.drive.data();
+    acc_t* __restrict gate = scratch.gate.data();
+    const acc_t bias = in.bias(d);
+    if (in.softplus) {
+#pragma omp simd
+      for (int64_t s = 0; s < steps; ++s) dt[s] = math::softplus_branchless(static_cast<acc_t>(delta[s]) + bias);
+    } else {
+#pragma omp simd
+      for (int64_t s = 0; s < steps; ++s) dt[s] = static_cast<acc_t>(delta[s]) + bias;
+    }
+#pragma omp simd
+    for (int64_t s = 0; s < steps; ++s) drive[s] = dt[s] * static_cast<acc_t>(u[s]);
+    if (in.z) {
+      const scalar_t* __restrict z = in.z + row * length + t0;
+#pragma omp simd
+      for (int64_t s = 0; s < steps; ++s) gate[s] = math::silu(static_cast<acc_t>(z[s]));
+    } else {
+      std::fill_n(gate, steps, acc_t(1));
+    }
+    const acc_t* __restrict a_row = in.A + d * N;
+    acc_t* __restrict decay = scratch.decay.data();
+    for (int64_t s = 0; s < steps; ++s) {
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) decay[s * N + n] = math::exp(dt[s] * a_row[n]);
     }
   }
 };
@@ -437,7 +490,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd_cpu(
         training ? checkpoints.data_ptr<acc_t>() : nullptr};
     at::parallel_for(0, batch * dim, 1, [&](int64_t first, int64_t last) {
       std::vector<acc_t> x(N);
-      for (int64_t row = first; row < last; ++row) kernel.run(row / dim, row % dim, x.data());
+      ForwardScratch<acc_t> scratch(N);
+      for (int64_t row = first; row < last; ++row) kernel.run(row / dim, row % dim, x.data(), scratch);
     });
   });
   return {out, last_state, checkpoints};

@@ -53,6 +53,36 @@ def like(name: str, x, ref_name: str, ref: Tensor, shape_doc: str) -> None:
     same(name, x, ref_name, ref)
 
 
+def out(op: str, x, ref_name: str, ref: Tensor, shape_doc: str, inputs: dict, differentiable: tuple) -> None:
+    """An `out=` tensor: the shape, dtype and device of `ref`, sharing no memory with the tensors
+    of `inputs` (name: tensor or None; checked eagerly: torch.compile cannot trace storage
+    pointers), and not asked for while autograd records the call (as torch's out= arguments,
+    which refuse inputs that require grad)."""
+    like("out", x, ref_name, ref, shape_doc)
+    for name, other in inputs.items():
+        if other is not None and not torch.compiler.is_compiling() and _overlap(x, other):
+            raise ValueError(f"{op}: out must not share memory with {name}")
+    if keeps_grad(differentiable):
+        raise RuntimeError(f"{op}: out= does not support automatic differentiation, but an input requires grad; "
+                           "call it under torch.no_grad(), or without out=")
+
+
+def _overlap(x: Tensor, y: Tensor) -> bool:
+    """Whether the bytes x and y span in their storage intersect (x, y non-empty, same storage)."""
+    if x.numel() == 0 or y.numel() == 0 or x.untyped_storage().data_ptr() != y.untyped_storage().data_ptr():
+        return False
+    x_first, x_last = _byte_span(x)
+    y_first, y_last = _byte_span(y)
+    return x_first < y_last and y_first < x_last
+
+
+def _byte_span(x: Tensor) -> tuple[int, int]:
+    """[first, last) bytes of x's storage that x reads (strides are never negative)."""
+    extent = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()))
+    first = x.storage_offset()
+    return first * x.element_size(), (first + extent + 1) * x.element_size()
+
+
 def flag(name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

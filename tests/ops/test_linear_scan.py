@@ -302,6 +302,101 @@ def test_compile_fullgraph_with_inductor():
     assert_close(torch.compile(step, fullgraph=True)(a, b, h0), step(a, b, h0), torch.float32, "h")
 
 
+# --- out= ------------------------------------------------------------------------------
+
+
+def strided_out(shape, dtype, device, layout):
+    """An uninitialised (B, T, D) output: contiguous; with channels strided (a transposed
+    buffer); or contiguous but starting one element into its storage (not 32-byte aligned)."""
+    batch, steps, dim = shape
+    if layout == "transposed":
+        return torch.full((batch, dim, steps), float("nan"), dtype=dtype, device=device).transpose(1, 2)
+    if layout == "offset":
+        return torch.full((batch * steps * dim + 1,), float("nan"), dtype=dtype, device=device)[1:].view(shape)
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "offset"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_out_receives_h(device, backend, dtype, layout):
+    a, b, h0 = make_inputs((2, 33, 19), dtype, device)
+    expected, expected_final = rnnkern.linear_scan(a, b, h0, output_final_state=True, backend=backend)
+    out = strided_out(a.shape, dtype, device, layout)
+    h, final = rnnkern.linear_scan(a, b, h0, output_final_state=True, out=out, backend=backend)
+    assert h is out
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(final, expected_final, rtol=0, atol=0)
+
+
+# Outputs of 16 MiB and more take the cpu forward's streaming stores (csrc/cpu/linear_scan.cpp):
+# from an aligned start, and from one element past it (scalar stores up to the alignment); the
+# backward runs on the result at the same size (whole-row channel blocks).
+@pytest.mark.parametrize("layout", ["contiguous", "offset"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_cpu_large_outputs_match_the_reference(reverse, layout):
+    a, b, h0 = make_inputs((1, 2048, 2056), torch.float32, "cpu")
+    out = strided_out(a.shape, torch.float32, "cpu", layout)
+    rnnkern.linear_scan(a, b, h0, reverse=reverse, out=out, backend="cpu")
+    expected = rnnkern.linear_scan(a, b, h0, reverse=reverse, backend="reference")
+    assert_close(out, expected, torch.float32, "h")
+    dh = torch.randn(a.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.ops.rnnkern.linear_scan_bwd(a, out, h0, dh, None, None, reverse, "cpu")
+    expected_grads = torch.ops.rnnkern.linear_scan_bwd(a, expected, h0, dh, None, None, reverse, "reference")
+    for name, actual, wanted in zip(("grad_a", "grad_b", "grad_initial"), grads, expected_grads):
+        assert_close(actual, wanted, torch.float32, name)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_out_opcheck_and_compile(device, backend):
+    a, b, h0 = make_inputs((2, 17, 5), torch.float32, device)
+    out = torch.empty_like(a)
+    torch.library.opcheck(torch.ops.rnnkern.linear_scan_out.default, (a, b, h0, None, False, backend, out))
+
+    def scan_into(a, b, h0, out):
+        return rnnkern.linear_scan(a.sigmoid(), b, h0, out=out, backend=backend).cos()
+
+    compiled_out = torch.empty_like(a)
+    result = torch.compile(scan_into, fullgraph=True, backend="aot_eager")(a, b, h0, compiled_out)
+    assert_close(result, scan_into(a, b, h0, out), torch.float32, "h")
+    assert_close(compiled_out, out, torch.float32, "out")
+
+
+def shifted_views(shape):
+    """A (B, T, D) tensor and a view of the same storage one element further on."""
+    storage = torch.rand(torch.Size(shape).numel() + 1)
+    return storage[:-1].view(shape), storage[1:].view(shape)
+
+
+BAD_OUTS = {  # id: (() -> (a, out), error, message)
+    "shape": (lambda: (A, torch.empty(2, 4, 3)), ValueError, r"out must have the shape of a \(2, 5, 3\), got \(2, 4, 3\)"),
+    "dtype": (lambda: (A, torch.empty(2, 5, 3, dtype=torch.float64)), TypeError,
+              r"out must have the dtype of a \(torch\.float32\), got torch\.float64"),
+    "device": (lambda: (A, torch.empty(2, 5, 3, device="meta")), ValueError, r"out must be on the device of a"),
+    "not-a-tensor": (lambda: (A, [[0.0]]), TypeError, r"out must be a torch\.Tensor of shape \(B, T, D\)"),
+    "b-itself": (lambda: (A, B), ValueError, r"linear_scan: out must not share memory with b"),
+    "overlapping-a": (lambda: shifted_views(A.shape), ValueError, r"linear_scan: out must not share memory with a"),
+    "requires-grad": (lambda: (A.clone().requires_grad_(), torch.empty(2, 5, 3)), RuntimeError,
+                      r"out= does not support automatic differentiation"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OUTS.values(), ids=BAD_OUTS.keys())
+def test_bad_out_is_a_clear_error(case):
+    make, error, message = case
+    a, out = make()
+    with pytest.raises(error, match=message):
+        rnnkern.linear_scan(a, B, out=out)
+
+
+def test_out_with_grad_inputs_under_no_grad():
+    a = A.clone().requires_grad_()
+    out = torch.empty_like(A)
+    with torch.no_grad():
+        rnnkern.linear_scan(a, B, out=out)
+    assert_close(out, rnnkern.linear_scan(A, B), torch.float32, "h")
+
+
 # --- bad input ------------------------------------------------------------------------
 
 A = torch.rand(2, 5, 3)

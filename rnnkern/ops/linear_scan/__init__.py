@@ -11,7 +11,7 @@ from rnnkern.ops._common import state_dtype
 __all__ = ["linear_scan"]
 
 
-LINEAR_SCAN = _backends.sequence_op("linear_scan", __name__)
+LINEAR_SCAN = _backends.sequence_op("linear_scan", __name__, extra=("linear_scan_fwd_out",))
 
 
 # ---------------------------------------------------------------------------------------
@@ -36,6 +36,28 @@ def _(a, b, initial_state, cu_seqlens, reverse, backend):
     num_sequences = a.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     final_state = a.new_empty((num_sequences, a.shape[2]), dtype=state_dtype(a.dtype))
     return a.new_empty(a.shape), final_state
+
+
+@torch.library.custom_op("rnnkern::linear_scan_out", mutates_args=("out",))
+def _linear_scan_out_op(
+    a: Tensor,
+    b: Tensor,
+    initial_state: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    reverse: bool,
+    backend: str,
+    out: Tensor,
+) -> Tensor:
+    """The forward with h written into `out`; returns the final state. No autograd (as torch's
+    out= variants): the public function refuses inputs that require grad."""
+    forward = LINEAR_SCAN.function(backend, "linear_scan_fwd_out")
+    return forward(a, b, initial_state, cu_seqlens, reverse, out)
+
+
+@_linear_scan_out_op.register_fake
+def _(a, b, initial_state, cu_seqlens, reverse, backend, out):
+    num_sequences = a.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return a.new_empty((num_sequences, a.shape[2]), dtype=state_dtype(a.dtype))
 
 
 @torch.library.custom_op("rnnkern::linear_scan_bwd", mutates_args=())
@@ -84,8 +106,6 @@ _linear_scan_op.register_autograd(_backward, setup_context=_setup_context)
 # Public function.
 
 
-
-
 def linear_scan(
     a: Tensor,
     b: Tensor,
@@ -94,6 +114,7 @@ def linear_scan(
     reverse: bool = False,
     cu_seqlens: Optional[Tensor] = None,
     output_final_state: bool = False,
+    out: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """First-order linear recurrence, computed by a parallel scan.
@@ -110,12 +131,17 @@ def linear_scan(
             ``B == 1``, starting at 0, non-decreasing and ending at T; the recurrence
             restarts at every boundary.
         output_final_state: also return the state after each sequence's last step.
+        out: a ``(B, T, D)`` tensor of ``a``'s dtype and device to write ``h`` into (and return),
+            instead of a new one: on CPU a fresh output of this size costs a page fault per
+            4 KiB page, often more than the scan. It must not share memory with ``a`` or ``b``,
+            and like torch's ``out=`` arguments it has no autograd: with an input that requires
+            grad, call it under ``torch.no_grad()``.
         backend: force ``"reference"``, ``"cpu"`` or ``"triton"`` (also settable
             with the ``RNNKERN_BACKEND`` environment variable); by default the fastest
             backend that supports the input.
 
     Returns:
-        ``h`` ``(B, T, D)`` in the dtype of ``a``; with ``output_final_state`` also the final
+        ``h`` ``(B, T, D)`` in the dtype of ``a`` (``out`` when given); with ``output_final_state`` also the final
         state ``(B, D)`` (``(N, D)`` packed) in the state dtype: float32 for fp16, bf16 and
         fp32 inputs, float64 for fp64. The state is accumulated in that dtype throughout.
 
@@ -129,10 +155,15 @@ def linear_scan(
         >>> h2 = rnnkern.linear_scan(a, b, initial_state=last)  # continue the sequences
     """
     _validate(a, b, initial_state, reverse, cu_seqlens)
+    if out is not None:
+        _checks.out("linear_scan", out, "a", a, "(B, T, D)", {"a": a, "b": b}, (a, b, initial_state))
     name = _backends.select(LINEAR_SCAN, a.device, a.dtype, backend)
     if initial_state is not None:
         initial_state = initial_state.to(state_dtype(a.dtype)).contiguous()
-    h, final_state = _linear_scan_op(a, b, initial_state, cu_seqlens, reverse, name)
+    if out is not None:
+        h, final_state = out, _linear_scan_out_op(a, b, initial_state, cu_seqlens, reverse, name, out)
+    else:
+        h, final_state = _linear_scan_op(a, b, initial_state, cu_seqlens, reverse, name)
     return (h, final_state) if output_final_state else h
 
 

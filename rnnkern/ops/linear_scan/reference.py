@@ -5,8 +5,9 @@
                da_t = g_t * h_{t-1},   db_t = g_t,   d(initial_state) = a_0 * g_0
 
 With ``reverse=True`` time runs from T-1 down to 0 ("t-1" becomes "t+1"). State is kept in
-:func:`rnnkern.ops._common.state_dtype`; outputs are in the input dtype. Every backend implements these two
-functions with the same arguments and results.
+:func:`rnnkern.ops._common.state_dtype`; outputs are in the input dtype. Every backend implements these
+functions (and linear_scan_fwd_out, the forward into a given h) with the same arguments and
+results.
 """
 from typing import Optional
 
@@ -30,6 +31,19 @@ def linear_scan_fwd(
         pieces.append(h)
         finals.append(state)
     return torch.cat(pieces, dim=1 if cu_seqlens is not None else 0), torch.cat(finals)
+
+
+def linear_scan_fwd_out(
+    a: Tensor,
+    b: Tensor,
+    initial_state: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    reverse: bool,
+    out: Tensor,  # (B, T, D), a's dtype: receives h
+) -> Tensor:  # final_state (N, D)
+    h, final_state = linear_scan_fwd(a, b, initial_state, cu_seqlens, reverse)
+    out.copy_(h)
+    return final_state
 
 
 def linear_scan_bwd(

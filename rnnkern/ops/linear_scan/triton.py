@@ -337,10 +337,11 @@ def _launch(a, second, cu_seqlens, reverse, chunks) -> _Launch:
                    (cu_seqlens, T, D, chunk, *a.stride(), *second.stride()), flags)
 
 
-def linear_scan_fwd(a, b, initial_state, cu_seqlens, reverse, *, chunks=None):
-    """One launch, or three where :func:`plan` splits the sequences (`chunks` forces a count)."""
+def linear_scan_fwd(a, b, initial_state, cu_seqlens, reverse, *, chunks=None, h=None):
+    """One launch, or three where :func:`plan` splits the sequences (`chunks` forces a count);
+    into `h` when given (contiguous, a's shape and dtype)."""
     launch = _launch(a, b, cu_seqlens, reverse, chunks)
-    h = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    h = torch.empty(a.shape, dtype=a.dtype, device=a.device) if h is None else h
     final_state = torch.empty((launch.grid[0], a.shape[2]), dtype=torch.float32, device=a.device)
     carries = launch.carries(_linear_scan_maps_kernel, (a, b), initial_state, final_state, a)
     _linear_scan_fwd_kernel[launch.grid](
@@ -348,6 +349,15 @@ def linear_scan_fwd(a, b, initial_state, cu_seqlens, reverse, *, chunks=None):
         HAS_INITIAL=initial_state is not None, CHUNKED=carries is not None, **launch.flags,
     )
     return h, final_state
+
+
+def linear_scan_fwd_out(a, b, initial_state, cu_seqlens, reverse, out):
+    """linear_scan_fwd into `out`: directly when it is contiguous (the kernel's h layout), else
+    through a copy; returns the final state."""
+    h, final_state = linear_scan_fwd(a, b, initial_state, cu_seqlens, reverse, h=out if out.is_contiguous() else None)
+    if h is not out:
+        out.copy_(h)
+    return final_state
 
 
 def linear_scan_bwd(a, h, initial_state, grad_h, grad_final, cu_seqlens, reverse, *, chunks=None):
