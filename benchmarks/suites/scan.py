@@ -16,7 +16,9 @@ accelerated-scan and flash-linear-attention's HGRN scan when installed; see peer
                  their outputs, so the floors above do too; on CPU a fresh large tensor
                  costs a page fault per page, and the gap between a floor and its out=
                  twin is that allocation cost. linear_scan(out=) is the forward writing
-                 into the same preallocated tensor, against torch.add(out=).
+                 into the same preallocated tensor, against torch.add(out=); its bwd row
+                 is the cpu backward writing both gradients into preallocated tensors
+                 (torch.ops.rnnkern_C.linear_scan_bwd_out), against torch.addcmul(out=).
   torch_loop     ``h = a_t * h + b_t`` for each t in plain PyTorch, at the same shape, with
                  the outputs stacked into (B, T, D); its backward is autograd through that
                  loop, with the graph built outside the timer. The loop steps over
@@ -81,7 +83,8 @@ class Inputs:
     b: torch.Tensor  # (B, T, D)
     h: torch.Tensor  # (B, T, D) the forward output, input of the backward
     grad_h: torch.Tensor  # (B, T, D)
-    out: torch.Tensor  # (B, T, D) preallocated output of the out= floors
+    out: torch.Tensor  # (B, T, D) preallocated output of the out= floors and linear_scan(out=)
+    grad_b_out: torch.Tensor  # (B, T, D) with `out` as grad_a: the preallocated gradients of the cpu backward
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ def make_inputs(case: Case) -> Inputs:
     options = {"dtype": case.dtype, "device": case.device}
     a, b = torch.rand(case.shape, **options), torch.randn(case.shape, **options)
     grad_h, out = torch.randn(case.shape, **options), torch.empty(case.shape, **options)
-    return Inputs(a, b, rnnkern.linear_scan(a, b), grad_h, out)
+    return Inputs(a, b, rnnkern.linear_scan(a, b), grad_h, out, torch.empty(case.shape, **options))
 
 
 def refusal(backend: str, case: Case) -> Optional[str]:
@@ -209,6 +212,9 @@ def backward_benches(inputs: Inputs, backends: list[str]) -> list[Bench]:
               "torch.ops.rnnkern.linear_scan_bwd alone")
         for name in backends
     ]
+    if "cpu" in backends:
+        kernels.append(Bench("linear_scan(out=)", "cpu", "bwd", functools.partial(_backward_into_buffers, inputs), 5,
+                             "torch.ops.rnnkern_C.linear_scan_bwd_out into preallocated gradients"))
     return baselines + kernels
 
 
@@ -220,6 +226,13 @@ def _loop_graph(inputs: Inputs) -> tuple[torch.Tensor]:
 def _backward_op(inputs: Inputs, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """linear_scan's registered backward: no initial state, final-state gradient or packing."""
     return torch.ops.rnnkern.linear_scan_bwd(inputs.a, inputs.h, None, inputs.grad_h, None, None, False, backend)
+
+
+def _backward_into_buffers(inputs: Inputs) -> torch.Tensor:
+    """The cpu backward writing grad_a and grad_b into preallocated tensors (the out= floors'
+    conditions: no fresh pages)."""
+    return torch.ops.rnnkern_C.linear_scan_bwd_out(inputs.a, inputs.h, None, inputs.grad_h, None, None, False,
+                                                   inputs.out, inputs.grad_b_out)
 
 
 def run(settings: Settings) -> list[dict[str, Any]]:

@@ -8,7 +8,8 @@
 // sequential stream (the hardware prefetchers keep up; software prefetches a few rows ahead
 // only slowed both passes on a Zen 3). The forward writes an h too large to stay in cache with
 // streaming (non-temporal) stores, which skip reading the lines they overwrite: 10% faster
-// there. The backward does not: with its two outputs streamed it ran 3x slower.
+// there. The backward does not: with its two outputs streamed it ran 3x slower. Half and
+// bfloat16 rows are converted to fp32 rows first and back after (convert.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "convert.h"
 #include "sequences.h"
 #include "tensor_args.h"
 #include "vectorized.h"
@@ -140,17 +142,24 @@ bool streaming_supported() {
   return supported;
 }
 
-// The first j from which out + j is 32-byte aligned (streaming stores need it), at most width.
-inline int64_t aligned_start(const float* out, int64_t width) {
-  const int64_t misaligned = (reinterpret_cast<uintptr_t>(out) / sizeof(float)) % 8;
-  return std::min(width, misaligned == 0 ? 0 : 8 - misaligned);
+bool f16c_supported() {
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return supported;
+}
+
+// The first j from which out + j is aligned to `bytes` (streaming stores need it), at most width.
+template <typename T>
+inline int64_t aligned_start(const T* out, int64_t width, int64_t bytes) {
+  const int64_t per_vector = bytes / static_cast<int64_t>(sizeof(T));
+  const int64_t misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) / sizeof(T)) % per_vector;
+  return std::min(width, misaligned == 0 ? 0 : per_vector - misaligned);
 }
 
 // forward_row for float with streaming stores of h, the same arithmetic (a multiply, then an add).
 __attribute__((target("avx2"))) void forward_row_streaming(float* __restrict state, const float* __restrict a,
                                                            const float* __restrict b, float* __restrict h,
                                                            int64_t width) {
-  const int64_t head = aligned_start(h, width);
+  const int64_t head = aligned_start(h, width, 32);
   forward_row(state, a, b, h, head);
   int64_t j = head;
   for (; j + 8 <= width; j += 8) {
@@ -162,13 +171,68 @@ __attribute__((target("avx2"))) void forward_row_streaming(float* __restrict sta
   forward_row(state + j, a + j, b + j, h + j, width - j);
 }
 
+// Eight 16-bit floats to fp32 lanes and back (rounded to nearest even, NaN kept), in registers.
+#define RNNKERN_F16C_INLINE __attribute__((target("avx2,f16c"), always_inline)) inline
+
+struct HalfLanes {
+  using type = c10::Half;
+  static RNNKERN_F16C_INLINE __m256 load(const c10::Half* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static RNNKERN_F16C_INLINE __m128i pack(__m256 v) {
+    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+};
+
+struct BFloat16Lanes {
+  using type = c10::BFloat16;
+  static RNNKERN_F16C_INLINE __m256 load(const c10::BFloat16* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+  static RNNKERN_F16C_INLINE __m128i pack(__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+    const __m256i packed = _mm256_packus_epi32(rounded, rounded);  // per 128-bit lane: x0..3 x0..3 | x4..7 x4..7
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+  }
+};
+
+// forward_row for half or bfloat16 with the conversions in registers; streaming stores of h when
+// `streaming`.
+template <typename Lanes>
+__attribute__((target("avx2,f16c"))) void forward_row_16_bit(float* __restrict state,
+                                                             const typename Lanes::type* __restrict a,
+                                                             const typename Lanes::type* __restrict b,
+                                                             typename Lanes::type* __restrict h, int64_t width,
+                                                             bool streaming) {
+  const int64_t head = streaming ? aligned_start(h, width, 16) : 0;
+  forward_row(state, a, b, h, head);
+  int64_t j = head;
+  for (; j + 8 <= width; j += 8) {
+    const __m256 s = _mm256_add_ps(_mm256_mul_ps(Lanes::load(a + j), _mm256_loadu_ps(state + j)), Lanes::load(b + j));
+    _mm256_storeu_ps(state + j, s);
+    __m128i* out = reinterpret_cast<__m128i*>(h + j);
+    if (streaming) {
+      _mm_stream_si128(out, Lanes::pack(s));
+    } else {
+      _mm_storeu_si128(out, Lanes::pack(s));
+    }
+  }
+  forward_row(state + j, a + j, b + j, h + j, width - j);
+}
+
 #endif
 
 // Whether outputs of `bytes` each (and of this type) are written with streaming stores.
 template <typename scalar_t>
 bool streams(size_t bytes) {
 #ifdef RNNKERN_STREAMING_STORES
-  return std::is_same_v<scalar_t, float> && bytes >= static_cast<size_t>(kStreamingBytes) && streaming_supported();
+  return (std::is_same_v<scalar_t, float> || cpu::is_16_bit_float<scalar_t>) &&
+         bytes >= static_cast<size_t>(kStreamingBytes) && streaming_supported();
 #else
   return false;
 #endif
@@ -184,11 +248,29 @@ void scan_forward(Rows<const scalar_t> a, Rows<const scalar_t> b, Rows<scalar_t>
       state[j] = initial_state ? initial_state[n * dim + d0 + j] : acc_t(0);
     }
     const int64_t batch = seqs.batch(n), begin = seqs.begin(n), length = seqs.length(n);
+    std::vector<float> rows(cpu::is_16_bit_float<scalar_t> ? 3 * width : 0);  // a, b, h of a step in fp32
     for (int64_t s = 0; s < length; ++s) {
       const int64_t t = begin + time_of_step(s, length, reverse);
       const scalar_t* a_t = a.at(batch, t) + d0;
       const scalar_t* b_t = b.at(batch, t) + d0;
       scalar_t* h_t = h.at(batch, t) + d0;
+#ifdef RNNKERN_STREAMING_STORES
+      if constexpr (cpu::is_16_bit_float<scalar_t>) {
+        if (f16c_supported()) {
+          using Lanes = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, HalfLanes, BFloat16Lanes>;
+          forward_row_16_bit<Lanes>(state.data(), a_t, b_t, h_t, width, streaming);
+          continue;
+        }
+      }
+#endif
+      if constexpr (cpu::is_16_bit_float<scalar_t>) {  // without F16C: through fp32 rows
+        float *a_row = rows.data(), *b_row = a_row + width, *h_row = b_row + width;
+        cpu::to_float(a_t, a_row, width);
+        cpu::to_float(b_t, b_row, width);
+        forward_row(state.data(), a_row, b_row, h_row, width);
+        cpu::from_float(h_row, h_t, width);
+        continue;
+      }
 #ifdef RNNKERN_STREAMING_STORES
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (streaming) {
@@ -218,6 +300,7 @@ void scan_backward(Rows<const scalar_t> a, Rows<const scalar_t> h, Rows<const sc
       h_init[j] = initial_state ? initial_state[n * dim + d0 + j] : acc_t(0);
     }
     const int64_t batch = seqs.batch(n), begin = seqs.begin(n), length = seqs.length(n);
+    std::vector<float> rows(cpu::is_16_bit_float<scalar_t> ? 5 * width : 0);  // a, dh, h_prev, da, db in fp32
     auto time = [&](int64_t s) { return begin + time_of_step(s, length, reverse); };
     auto step = [&](int64_t s, const auto* h_prev) {
       const int64_t t = time(s);
@@ -225,7 +308,22 @@ void scan_backward(Rows<const scalar_t> a, Rows<const scalar_t> h, Rows<const sc
       const scalar_t* dh_t = grad_h.at(batch, t) + d0;
       scalar_t* da_t = grad_a.at(batch, t) + d0;
       scalar_t* db_t = grad_b.at(batch, t) + d0;
-      backward_row(g.data(), a_t, dh_t, h_prev, da_t, db_t, width);
+      if constexpr (cpu::is_16_bit_float<scalar_t>) {
+        float *a_row = rows.data(), *dh_row = a_row + width, *h_row = dh_row + width;
+        float *da_row = h_row + width, *db_row = da_row + width;
+        cpu::to_float(a_t, a_row, width);
+        cpu::to_float(dh_t, dh_row, width);
+        if constexpr (std::is_same_v<std::decay_t<decltype(*h_prev)>, scalar_t>) {
+          cpu::to_float(h_prev, h_row, width);
+        } else {
+          std::copy(h_prev, h_prev + width, h_row);  // the fp32 initial state
+        }
+        backward_row(g.data(), a_row, dh_row, static_cast<const float*>(h_row), da_row, db_row, width);
+        cpu::from_float(da_row, da_t, width);
+        cpu::from_float(db_row, db_t, width);
+      } else {
+        backward_row(g.data(), a_t, dh_t, h_prev, da_t, db_t, width);
+      }
     };
     for (int64_t s = length - 1; s > 0; --s) step(s, h.at(batch, time(s - 1)) + d0);
     if (length > 0) step(0, h_init.data());

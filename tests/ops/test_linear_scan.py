@@ -317,7 +317,7 @@ def strided_out(shape, dtype, device, layout):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "offset"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_out_receives_h(device, backend, dtype, layout):
     a, b, h0 = make_inputs((2, 33, 19), dtype, device)
@@ -334,17 +334,19 @@ def test_out_receives_h(device, backend, dtype, layout):
 # backward runs on the result at the same size (whole-row channel blocks).
 @pytest.mark.parametrize("layout", ["contiguous", "offset"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_cpu_large_outputs_match_the_reference(reverse, layout):
-    a, b, h0 = make_inputs((1, 2048, 2056), torch.float32, "cpu")
-    out = strided_out(a.shape, torch.float32, "cpu", layout)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
+def test_cpu_large_outputs_match_the_reference(dtype, reverse, layout):
+    dim = 2056 * 4 // torch.finfo(dtype).bits * 8  # just over 16 MiB for 2048 steps
+    a, b, h0 = make_inputs((1, 2048, dim), dtype, "cpu")
+    out = strided_out(a.shape, dtype, "cpu", layout)
     rnnkern.linear_scan(a, b, h0, reverse=reverse, out=out, backend="cpu")
     expected = rnnkern.linear_scan(a, b, h0, reverse=reverse, backend="reference")
-    assert_close(out, expected, torch.float32, "h")
-    dh = torch.randn(a.shape, generator=torch.Generator().manual_seed(1))
+    assert_close(out, expected, dtype, "h")
+    dh = torch.randn(a.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     grads = torch.ops.rnnkern.linear_scan_bwd(a, out, h0, dh, None, None, reverse, "cpu")
     expected_grads = torch.ops.rnnkern.linear_scan_bwd(a, expected, h0, dh, None, None, reverse, "reference")
     for name, actual, wanted in zip(("grad_a", "grad_b", "grad_initial"), grads, expected_grads):
-        assert_close(actual, wanted, torch.float32, name)
+        assert_close(actual, wanted, dtype, name)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
