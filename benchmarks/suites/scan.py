@@ -58,7 +58,7 @@ SMALL_SHAPE = (4, 2048, 1024)
 REFERENCE_MAX_T = 2048
 
 BACKENDS = {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")}
-DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+DTYPES = {"cpu": (torch.float32, torch.float16, torch.bfloat16), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@
 // only slowed both passes on a Zen 3). The forward writes an h too large to stay in cache with
 // streaming (non-temporal) stores, which skip reading the lines they overwrite: 10% faster
 // there. The backward does not: with its two outputs streamed it ran 3x slower. Half and
-// bfloat16 rows are converted to fp32 rows first and back after (convert.h).
+// bfloat16 convert in registers (F16C; bfloat16 by bit shifts), or, on a CPU without F16C,
+// through fp32 rows (convert.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -225,6 +226,34 @@ __attribute__((target("avx2,f16c"))) void forward_row_16_bit(float* __restrict s
   forward_row(state + j, a + j, b + j, h + j, width - j);
 }
 
+// Eight values of the previous step's h: 16-bit like the tensors, or the fp32 initial state.
+template <typename Lanes>
+RNNKERN_F16C_INLINE __m256 load_lanes(const typename Lanes::type* p) {
+  return Lanes::load(p);
+}
+template <typename Lanes>
+RNNKERN_F16C_INLINE __m256 load_lanes(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+
+// backward_row for half or bfloat16 with the conversions in registers.
+template <typename Lanes, typename prev_t>
+__attribute__((target("avx2,f16c"))) void backward_row_16_bit(float* __restrict g,
+                                                              const typename Lanes::type* __restrict a,
+                                                              const typename Lanes::type* __restrict dh,
+                                                              const prev_t* __restrict h_prev,
+                                                              typename Lanes::type* __restrict da,
+                                                              typename Lanes::type* __restrict db, int64_t width) {
+  int64_t j = 0;
+  for (; j + 8 <= width; j += 8) {
+    const __m256 grad = _mm256_add_ps(_mm256_loadu_ps(g + j), Lanes::load(dh + j));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(db + j), Lanes::pack(grad));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(da + j), Lanes::pack(_mm256_mul_ps(grad, load_lanes<Lanes>(h_prev + j))));
+    _mm256_storeu_ps(g + j, _mm256_mul_ps(grad, Lanes::load(a + j)));
+  }
+  backward_row(g + j, a + j, dh + j, h_prev + j, da + j, db + j, width - j);
+}
+
 #endif
 
 // Whether outputs of `bytes` each (and of this type) are written with streaming stores.
@@ -308,7 +337,15 @@ void scan_backward(Rows<const scalar_t> a, Rows<const scalar_t> h, Rows<const sc
       const scalar_t* dh_t = grad_h.at(batch, t) + d0;
       scalar_t* da_t = grad_a.at(batch, t) + d0;
       scalar_t* db_t = grad_b.at(batch, t) + d0;
+#ifdef RNNKERN_STREAMING_STORES
       if constexpr (cpu::is_16_bit_float<scalar_t>) {
+        if (f16c_supported()) {
+          using Lanes = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, HalfLanes, BFloat16Lanes>;
+          return backward_row_16_bit<Lanes>(g.data(), a_t, dh_t, h_prev, da_t, db_t, width);
+        }
+      }
+#endif
+      if constexpr (cpu::is_16_bit_float<scalar_t>) {  // without F16C: through fp32 rows
         float *a_row = rows.data(), *dh_row = a_row + width, *h_row = dh_row + width;
         float *da_row = h_row + width, *db_row = da_row + width;
         cpu::to_float(a_t, a_row, width);
