@@ -5,6 +5,7 @@
 
 #include <cstring>
 
+#include "cpu_features.h"
 #include "vectorized.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -44,11 +45,6 @@ RNNKERN_VECTORIZED void float_to_bfloat16(const float* __restrict src, uint16_t*
 
 #ifdef RNNKERN_F16C
 
-bool f16c_supported() {
-  static const bool supported = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-  return supported;
-}
-
 __attribute__((target("avx,f16c"))) void half_to_float_f16c(const c10::Half* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -72,7 +68,7 @@ __attribute__((target("avx,f16c"))) void float_to_half_f16c(const float* src, c1
 
 void to_float(const c10::Half* src, float* dst, int64_t n) {
 #ifdef RNNKERN_F16C
-  if (f16c_supported()) return half_to_float_f16c(src, dst, n);
+  if (has_avx2_f16c()) return half_to_float_f16c(src, dst, n);
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
@@ -83,7 +79,7 @@ void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
 
 void from_float(const float* src, c10::Half* dst, int64_t n) {
 #ifdef RNNKERN_F16C
-  if (f16c_supported()) return float_to_half_f16c(src, dst, n);
+  if (has_avx2_f16c()) return float_to_half_f16c(src, dst, n);
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
 }

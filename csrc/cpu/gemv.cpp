@@ -5,6 +5,7 @@
 // loop ran at a quarter of the speed a plain read of the same bytes reaches on a Zen 3.
 #include "gemv.h"
 
+#include "cpu_features.h"
 #include "vectorized.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -77,11 +78,6 @@ RNNKERN_VECTORIZED void project_rows_impl(const T* __restrict w, int64_t k, int6
 
 #ifdef RNNKERN_AVX2_GEMV
 
-bool avx2_fma_supported() {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-}
-
 // The four sums of a0..a3 (8 lanes each), in order.
 __attribute__((target("avx2,fma"))) __m128 sum_lanes(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
   const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
@@ -138,7 +134,7 @@ __attribute__((target("avx2,fma"))) void project_rows_avx2(const float* w, int64
 void project_rows(const float* w, int64_t k, int64_t row0, int64_t n, const float* bias, const float* v,
                   int64_t ldv, int64_t batch, float* out, int64_t ldo) {
 #ifdef RNNKERN_AVX2_GEMV
-  if (avx2_fma_supported()) return project_rows_avx2(w, k, row0, n, bias, v, ldv, batch, out, ldo);
+  if (has_avx2_fma()) return project_rows_avx2(w, k, row0, n, bias, v, ldv, batch, out, ldo);
 #endif
   project_rows_impl(w, k, row0, n, bias, v, ldv, batch, out, ldo);
 }

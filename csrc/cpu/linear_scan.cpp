@@ -22,6 +22,7 @@
 
 #include "../ops.h"
 #include "convert.h"
+#include "cpu_features.h"
 #include "sequences.h"
 #include "tensor_args.h"
 #include "vectorized.h"
@@ -138,16 +139,6 @@ RNNKERN_VECTORIZED void backward_row(acc_t* __restrict g, const scalar_t* __rest
 
 #ifdef RNNKERN_STREAMING_STORES
 
-bool streaming_supported() {
-  static const bool supported = __builtin_cpu_supports("avx2");
-  return supported;
-}
-
-bool f16c_supported() {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  return supported;
-}
-
 // The first j from which out + j is aligned to `bytes` (streaming stores need it), at most width.
 template <typename T>
 inline int64_t aligned_start(const T* out, int64_t width, int64_t bytes) {
@@ -261,7 +252,7 @@ template <typename scalar_t>
 bool streams(size_t bytes) {
 #ifdef RNNKERN_STREAMING_STORES
   return (std::is_same_v<scalar_t, float> || cpu::is_16_bit_float<scalar_t>) &&
-         bytes >= static_cast<size_t>(kStreamingBytes) && streaming_supported();
+         bytes >= static_cast<size_t>(kStreamingBytes) && cpu::has_avx2();
 #else
   return false;
 #endif
@@ -277,7 +268,8 @@ void scan_forward(Rows<const scalar_t> a, Rows<const scalar_t> b, Rows<scalar_t>
       state[j] = initial_state ? initial_state[n * dim + d0 + j] : acc_t(0);
     }
     const int64_t batch = seqs.batch(n), begin = seqs.begin(n), length = seqs.length(n);
-    std::vector<float> rows(cpu::is_16_bit_float<scalar_t> ? 3 * width : 0);  // a, b, h of a step in fp32
+    // a, b, h of a step in fp32, for 16-bit rows on a CPU without F16C
+    std::vector<float> rows(cpu::is_16_bit_float<scalar_t> && !cpu::has_avx2_f16c() ? 3 * width : 0);
     for (int64_t s = 0; s < length; ++s) {
       const int64_t t = begin + time_of_step(s, length, reverse);
       const scalar_t* a_t = a.at(batch, t) + d0;
@@ -285,7 +277,7 @@ void scan_forward(Rows<const scalar_t> a, Rows<const scalar_t> b, Rows<scalar_t>
       scalar_t* h_t = h.at(batch, t) + d0;
 #ifdef RNNKERN_STREAMING_STORES
       if constexpr (cpu::is_16_bit_float<scalar_t>) {
-        if (f16c_supported()) {
+        if (cpu::has_avx2_f16c()) {
           using Lanes = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, HalfLanes, BFloat16Lanes>;
           forward_row_16_bit<Lanes>(state.data(), a_t, b_t, h_t, width, streaming);
           continue;
@@ -329,7 +321,8 @@ void scan_backward(Rows<const scalar_t> a, Rows<const scalar_t> h, Rows<const sc
       h_init[j] = initial_state ? initial_state[n * dim + d0 + j] : acc_t(0);
     }
     const int64_t batch = seqs.batch(n), begin = seqs.begin(n), length = seqs.length(n);
-    std::vector<float> rows(cpu::is_16_bit_float<scalar_t> ? 5 * width : 0);  // a, dh, h_prev, da, db in fp32
+    // a, dh, h_prev, da, db in fp32, for 16-bit rows on a CPU without F16C
+    std::vector<float> rows(cpu::is_16_bit_float<scalar_t> && !cpu::has_avx2_f16c() ? 5 * width : 0);
     auto time = [&](int64_t s) { return begin + time_of_step(s, length, reverse); };
     auto step = [&](int64_t s, const auto* h_prev) {
       const int64_t t = time(s);
@@ -339,7 +332,7 @@ void scan_backward(Rows<const scalar_t> a, Rows<const scalar_t> h, Rows<const sc
       scalar_t* db_t = grad_b.at(batch, t) + d0;
 #ifdef RNNKERN_STREAMING_STORES
       if constexpr (cpu::is_16_bit_float<scalar_t>) {
-        if (f16c_supported()) {
+        if (cpu::has_avx2_f16c()) {
           using Lanes = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, HalfLanes, BFloat16Lanes>;
           return backward_row_16_bit<Lanes>(g.data(), a_t, dh_t, h_prev, da_t, db_t, width);
         }

@@ -9,6 +9,7 @@
 #include <algorithm>
 
 #include "../ops.h"
+#include "cpu_features.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -47,10 +48,7 @@ at::Tensor pack_panels(const at::Tensor& b) {
 
 #ifdef RNNKERN_PANEL_GEMM
 
-bool panel_gemm_supported() {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-}
+bool panel_gemm_supported() { return has_avx2_fma(); }
 
 bool panel_gemm_preferred() {
   static const bool preferred = panel_gemm_supported() && !__builtin_cpu_supports("avx512f");
